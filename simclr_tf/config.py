@@ -91,6 +91,8 @@ class Config:
     steps_per_loop: int = 0  # 0: min(checkpoint steps, train_summary_steps)
     knn_k: int = 200
     knn_temperature: float = 0.1
+    knn_train_examples: int = 100_000  # train examples the kNN monitor uses; 0 turns it off
+    eval_timeout: int = 0  # mode=eval: seconds to wait for a new checkpoint; 0 = until the last
 
     # ------------------------------------------------------------------
     @property
@@ -152,7 +154,7 @@ class Config:
             check(getattr(self, field) > 0, f'{field}={getattr(self, field)} must be > 0')
         for field in ('train_steps', 'eval_steps', 'checkpoint_steps', 'train_epochs',
                       'checkpoint_epochs', 'cpu_replicas', 'steps_per_loop', 'warmup_epochs',
-                      'weight_decay', 'learning_rate'):
+                      'weight_decay', 'learning_rate', 'knn_train_examples', 'eval_timeout'):
             check(getattr(self, field) >= 0, f'{field}={getattr(self, field)} must be >= 0')
         check(self.train_steps > 0 or self.train_epochs > 0,
               'one of train_steps or train_epochs must be > 0')
@@ -172,10 +174,11 @@ class Config:
         check(self.proj_head_mode != 'nonlinear' or self.num_proj_layers >= 1,
               f'num_proj_layers={self.num_proj_layers} must be >= 1 with proj_head_mode=nonlinear')
         if self.proj_head_mode in ('none', 'linear', 'nonlinear'):
-            check(0 <= self.ft_proj_selector <= self.num_proj_outputs,
+            # -1 is the last layer, as the original's Python indexing of its hidden list.
+            check(-1 <= self.ft_proj_selector <= self.num_proj_outputs,
                   f'ft_proj_selector={self.ft_proj_selector} is out of range: with '
                   f'proj_head_mode={self.proj_head_mode} and num_proj_layers={self.num_proj_layers}'
-                  f' it must be in [0, {self.num_proj_outputs}]')
+                  f' it must be in [-1, {self.num_proj_outputs}]')
         check(-1 <= self.fine_tune_after_block <= 4,
               f'fine_tune_after_block={self.fine_tune_after_block} must be in [-1, 4]')
         check(not (self.train_mode == 'pretrain' and self.fine_tune_after_block != -1),

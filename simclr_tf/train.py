@@ -1,0 +1,244 @@
+"""The training loop: `steps_per_loop` steps per tf.function call, then summaries, progress, checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+import sys
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from simclr_tf import augment, data, losses, optim
+from simclr_tf.checkpoint import Checkpointer
+from simclr_tf.config import Config
+from simclr_tf.model import SimCLRModel, build_model
+
+# The original's scalar names (metrics.py), in the order a step produces them.
+PRETRAIN_METRICS = ('train/contrast_loss', 'train/contrast_acc', 'train/contrast_entropy')
+SUPERVISED_METRICS = ('train/supervised_loss', 'train/supervised_acc')
+COMMON_METRICS = ('train/weight_decay', 'train/total_loss')
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class TrainState:
+    model: SimCLRModel
+    optimizer: tf.keras.optimizers.Optimizer
+    checkpointer: Checkpointer
+    schedule: optim.WarmUpAndCosineDecay
+    total_steps: int
+    checkpoint_steps: int
+    stopped: bool = False  # by SIGTERM/SIGINT, before total_steps
+
+    @property
+    def step(self) -> int:
+        return int(self.optimizer.iterations.numpy())
+
+
+def metric_names(config: Config, has_supervised_head: bool) -> tuple[str, ...]:
+    names = PRETRAIN_METRICS if config.train_mode == 'pretrain' else ()
+    return names + (SUPERVISED_METRICS if has_supervised_head else ()) + COMMON_METRICS
+
+
+def build_state(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetInfo,
+                chief: bool = True, task_id: int = 0) -> TrainState:
+    """Model, optimizer and checkpoint for `config`, restored from `model_dir` or `--checkpoint`."""
+    total = optim.train_steps(config, info.num_train_examples)
+    with strategy.scope():
+        model = build_model(config, info.num_classes)
+        schedule = optim.WarmUpAndCosineDecay(
+            optim.scaled_learning_rate(config), optim.warmup_steps(config, info.num_train_examples),
+            total)
+        optimizer = optim.build_optimizer(config, schedule, model)
+        if config.mixed_precision == 'float16':
+            optimizer = tf.keras.optimizers.LossScaleOptimizer(optimizer)
+        # Keras 3 creates slots lazily; build them now so a checkpoint restores into them.
+        optimizer.build(model.trainable_variables)
+        checkpointer = Checkpointer(config, model, optimizer, chief=chief, task_id=task_id)
+        logging.info('%s', checkpointer.restore(model))
+    return TrainState(model, optimizer, checkpointer, schedule, total,
+                      optim.checkpoint_steps(config, info.num_train_examples))
+
+
+def two_views_to_batch(images: tf.Tensor, config: Config, seed=None) -> tf.Tensor:
+    """[b, S, S, 6] (two views on channels) -> [2b, S, S, 3]: first views, then second views."""
+    views = tf.split(images, 2, axis=-1)
+    views = augment.batch_random_blur(views, config, seed=seed)
+    return tf.concat(views, 0)
+
+
+def make_step_fn(config: Config, state: TrainState, strategy: tf.distribute.Strategy) -> Callable:
+    """One replica's step; returns its metrics, in `metric_names` order, as a float32 vector."""
+    model, optimizer = state.model, state.optimizer
+    pretrain = config.train_mode == 'pretrain'
+    replicas = strategy.num_replicas_in_sync
+
+    def step_fn(images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+        if pretrain:
+            seed = None
+            if config.seed is not None:  # blur draws keyed by (seed, step, replica): resumable
+                replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+                seed = tf.stack([tf.constant(config.seed, tf.int64),
+                                 optimizer.iterations * replicas + tf.cast(replica, tf.int64)])
+            images = two_views_to_batch(images, config, seed=seed)
+        with tf.GradientTape() as tape:
+            outputs = model(images, training=True)
+            metrics, loss = [], tf.constant(0.0)
+            if pretrain:
+                con_loss, logits_ab, con_labels = losses.contrastive_loss(
+                    outputs['proj_head_output'], config)
+                acc, entropy = losses.contrastive_metrics(logits_ab, con_labels)
+                metrics += [con_loss, acc, entropy]
+                loss += con_loss
+            if 'logits_sup' in outputs:
+                sup_labels = tf.concat([labels, labels], 0) if pretrain else labels
+                sup_loss = losses.supervised_loss(sup_labels, outputs['logits_sup'])
+                sup_acc = tf.reduce_mean(tf.cast(tf.equal(
+                    tf.argmax(sup_labels, 1), tf.argmax(outputs['logits_sup'], 1)), tf.float32))
+                metrics += [sup_loss, sup_acc]
+                loss += sup_loss
+            decay = optim.weight_decay_loss(model, config)
+            loss += decay
+            metrics += [decay, loss]
+            # Gradients are summed over replicas, so each replica's share is loss / replicas.
+            scaled = loss / replicas
+            if isinstance(optimizer, tf.keras.optimizers.LossScaleOptimizer):
+                scaled = optimizer.scale_loss(scaled)
+        variables = model.trainable_variables
+        grads = tape.gradient(scaled, variables)
+        optimizer.apply_gradients(zip(grads, variables))
+        return tf.stack([tf.cast(m, tf.float32) for m in metrics])
+
+    return step_fn
+
+
+def make_loop_fn(config: Config, state: TrainState, strategy: tf.distribute.Strategy) -> Callable:
+    """`loop(iterator, n)`: n steps inside one tf.function; the metrics averaged over them."""
+    step_fn = make_step_fn(config, state, strategy)
+    jit = config.jit_compile and strategy.num_replicas_in_sync == 1
+
+    # XLA compiles the step, not the loop: the iterator cannot live inside an XLA cluster.
+    replica_step = tf.function(step_fn, jit_compile=True) if jit else step_fn
+
+    @tf.function
+    def loop(iterator, n: tf.Tensor) -> tf.Tensor:
+        total = tf.zeros([len(metric_names(config, state.model.supervised_head is not None))])
+        for _ in tf.range(n):
+            per_replica = strategy.run(replica_step, args=next(iterator))
+            total += strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
+        return total / tf.cast(n, tf.float32)
+
+    return loop
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT ask the loop to checkpoint and exit cleanly at the end of the current loop."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+        logging.warning('received signal %d: will checkpoint and stop after this loop', signum)
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _progress_line(step: int, total: int, values: dict, images_per_s: float, eta_s: float) -> str:
+    shown = {'loss': 'train/total_loss', 'con_acc': 'train/contrast_acc',
+             'sup_acc': 'train/supervised_acc'}
+    parts = [f'step {step}/{total}']
+    parts += [f'{k} {values[v]:.4f}' for k, v in shown.items() if v in values]
+    parts += [f'{images_per_s:.1f} img/s', f'ETA {time.strftime("%H:%M:%S", time.gmtime(eta_s))}']
+    return ' | '.join(parts)
+
+
+def _write_image_summary(config: Config, info: data.DatasetInfo, writer, step: int) -> None:
+    """The augmented views the network sees (after blur), first view above the second."""
+    if config.train_mode != 'pretrain':
+        return
+    images, _ = next(iter(data.build_dataset(config.replace(train_batch_size=8), True)))
+    pair = tf.concat(tf.split(two_views_to_batch(images, config), 2, 0), axis=1)
+    with writer.as_default():
+        tf.summary.image('train/augmented_views', pair, step=step, max_outputs=8)
+
+
+def train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetInfo,
+          chief: bool = True, task_id: int = 0,
+          on_checkpoint: Optional[Callable[[TrainState], None]] = None) -> TrainState:
+    """Trains until `total_steps`, resuming from `model_dir`; returns the final state."""
+    state = build_state(config, strategy, info, chief=chief, task_id=task_id)
+    names = metric_names(config, state.model.supervised_head is not None)
+    writer = tf.summary.create_file_writer(config.model_dir) if chief else tf.summary.create_noop_writer()
+    start = state.step
+    if start >= state.total_steps:
+        logging.info('already trained to step %d of %d', start, state.total_steps)
+        return state
+    if chief and start == 0:
+        _write_image_summary(config, info, writer, 0)
+    dataset = data.build_distributed_dataset(strategy, config, True, start_step=start)
+    iterator = iter(dataset)
+    loop = make_loop_fn(config, state, strategy)
+    per_loop = config.steps_per_loop or min(state.checkpoint_steps, config.train_summary_steps)
+    interactive = chief and sys.stderr.isatty()
+    run_start, run_images = time.time(), 0
+
+    with _StopRequest() as stop:
+        while state.step < state.total_steps:
+            step = state.step
+            to_checkpoint = state.checkpoint_steps - step % state.checkpoint_steps
+            n = min(per_loop, to_checkpoint, state.total_steps - step)
+            t0 = time.time()
+            values = loop(iterator, tf.constant(n)).numpy()
+            elapsed = time.time() - t0
+            step = state.step
+            if not np.all(np.isfinite(values)):
+                bad = {k: float(v) for k, v in zip(names, values) if not math.isfinite(v)}
+                raise TrainingDiverged(
+                    f'non-finite training metrics at step {step}: {bad}; stopped without saving, '
+                    f'the last good checkpoint is {state.checkpointer.latest}. Lower the learning '
+                    'rate or check the input data.')
+            metrics = dict(zip(names, map(float, values)))
+            lr = float(state.schedule(step - 1))
+            with writer.as_default():
+                for k, v in metrics.items():
+                    tf.summary.scalar(k, v, step=step)
+                tf.summary.scalar('learning_rate', lr, step=step)
+            images = n * config.train_batch_size
+            run_images += images
+            rate = run_images / max(time.time() - run_start, 1e-9)
+            eta = (state.total_steps - step) * config.train_batch_size / max(rate, 1e-9)
+            line = _progress_line(step, state.total_steps, metrics, images / elapsed, eta)
+            if interactive:
+                done = int(30 * step / state.total_steps)
+                sys.stderr.write(f'\r[{"#" * done}{"." * (30 - done)}] {line}')
+                sys.stderr.flush()
+            logging.info('%s', line)
+            if step % state.checkpoint_steps == 0 or step == state.total_steps or stop.signal:
+                state.checkpointer.save(step)
+                if on_checkpoint:
+                    on_checkpoint(state)
+            if stop.signal:
+                state.stopped = True
+                logging.warning('stopped by signal %d at step %d; checkpoint saved', stop.signal, step)
+                break
+    if interactive:
+        sys.stderr.write('\n')
+    writer.flush()
+    return state
