@@ -77,7 +77,9 @@ class Config:
     use_blur: bool = True
     # --- from the TF1 version ---
     train_summary_steps: int = 100
-    variable_schema: str = '?!global_step'
+    # The TF1 default '?!global_step' is not a valid regex (re.compile raises); its evident
+    # meaning, every variable but the global step, is written out here.
+    variable_schema: str = '(?!global_step)'
     # --- new ---
     contrastive_loss: str = 'nt_xent'
     margin: float = 0.5  # margin triplet
