@@ -54,9 +54,7 @@ def build_state(config: Config, strategy: tf.distribute.Strategy, info: data.Dat
     total = optim.train_steps(config, info.num_train_examples)
     with strategy.scope():
         model = build_model(config, info.num_classes)
-        schedule = optim.WarmUpAndCosineDecay(
-            optim.scaled_learning_rate(config), optim.warmup_steps(config, info.num_train_examples),
-            total)
+        schedule = optim.WarmUpAndCosineDecay(config.learning_rate, info.num_train_examples, config)
         optimizer = optim.build_optimizer(config, schedule, model)
         if config.mixed_precision == 'float16':
             optimizer = tf.keras.optimizers.LossScaleOptimizer(optimizer)
