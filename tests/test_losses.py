@@ -1,4 +1,4 @@
-"""The contrastive objectives against NumPy written straight from the formulas, on 1 and 2 replicas."""
+"""The contrastive objectives against NumPy written from the formulas, on 1 and 2 replicas."""
 
 import numpy as np
 import pytest
@@ -195,7 +195,7 @@ def test_supervised_loss_matches_numpy():
 def test_cross_replica_concat_orders_replicas(two_replicas):
     values = two_replicas.experimental_distribute_values_from_function(
         lambda ctx: tf.fill([2, 3], float(ctx.replica_id_in_sync_group)))
-    out = two_replicas.run(tf.function(losses.cross_replica_concat), args=(values,))
+    out = tf.function(lambda v: two_replicas.run(losses.cross_replica_concat, args=(v,)))(values)
     for gathered in two_replicas.experimental_local_results(out):
         np.testing.assert_array_equal(gathered.numpy()[:, 0], [0, 0, 1, 1])
     single = tf.ones([2, 3])
@@ -209,11 +209,12 @@ def test_two_replicas_equal_global_batch(two_replicas, name, scale, hidden_norm)
     fn, reference = LOSSES[name]
     z = _paired_z() if name.startswith('margin') else _random_z(6)
 
-    @tf.function
-    def step(local_z):
-        return fn(local_z, scale, hidden_norm)
+    @tf.function  # as a training step: one function around strategy.run
+    def step(per_replica_z):
+        return two_replicas.run(lambda local_z: fn(local_z, scale, hidden_norm),
+                                args=(per_replica_z,))
 
-    loss, logits_ab, labels = two_replicas.run(step, args=(_per_replica(two_replicas, z),))
+    loss, logits_ab, labels = step(_per_replica(two_replicas, z))
     per_replica = [l.numpy() for l in two_replicas.experimental_local_results(loss)]
     np.testing.assert_allclose(np.mean(per_replica), reference(z, scale, hidden_norm),
                                rtol=1e-5, atol=1e-6)
@@ -239,15 +240,15 @@ def test_two_replicas_gradients_equal_single_device(two_replicas, hidden_norm):
     with two_replicas.scope():
         w_mirrored = tf.Variable(w0)
 
-    @tf.function
-    def step(local_x):
+    def replica_step(local_x):
         with tf.GradientTape() as tape:
             local_loss, _, _ = losses.nt_xent(tf.matmul(local_x, w_mirrored), temperature,
                                               hidden_norm)
             scaled = local_loss / two_replicas.num_replicas_in_sync
         return tape.gradient(scaled, w_mirrored)
 
-    grads = two_replicas.run(step, args=(_per_replica(two_replicas, x),))
+    step = tf.function(lambda per_replica_x: two_replicas.run(replica_step, args=(per_replica_x,)))
+    grads = step(_per_replica(two_replicas, x))
     total = two_replicas.reduce(tf.distribute.ReduceOp.SUM, grads, axis=None).numpy()
     # Holds only if the gradient flows back through the gathered keys to their own replica.
     np.testing.assert_allclose(total, expected, rtol=1e-4, atol=1e-6)
