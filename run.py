@@ -141,6 +141,18 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def summary(result: dict) -> str:
+    """The closing lines: what was measured, on how many examples, and where the export is."""
+    names = {'eval/label_top_1_accuracy': 'linear head top-1',
+             'eval/label_top_5_accuracy': 'top-5', 'eval/knn_top_1_accuracy': 'kNN top-1'}
+    parts = [f'{label} {result[k]:.3f}' for k, label in names.items() if k in result]
+    lines = [f'step {int(result["global_step"])}: ' + ', '.join(parts)
+             + f' on {int(result["eval/num_examples"])} {FLAGS.eval_split} examples']
+    if result.get('saved_model'):
+        lines.append(f'SavedModel: {result["saved_model"]}')
+    return '\n'.join(lines)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         _fail(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -152,7 +164,9 @@ def main(argv) -> None:
             from simclr_tf.distribute import configure_cpu_replicas
             configure_cpu_replicas(config.cpu_replicas)
         from simclr_tf import program
-        program.run(config, flags={k: FLAGS[k].value for k in FLAGS})
+        result = program.run(config, flags={k: FLAGS[k].value for k in FLAGS})
+        if result:
+            print(summary(result))
     except ConfigError as e:
         _fail(str(e))
     except Exception as e:  # noqa: BLE001 - clear message for bad input, full trace in the log

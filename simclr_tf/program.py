@@ -41,9 +41,10 @@ def run(config: Config, flags: Optional[dict[str, Any]] = None) -> Optional[dict
     """Runs `config.mode`; returns the last eval result, if any."""
     config.validate()
     check_start(config)
-    info = data.dataset_info(config, need_eval=config.mode != 'train')
+    # The strategy comes first: multi-worker collectives must be set up before other TF work.
     strategy = distribute.build_strategy(config)
     distribute.check_strategy(config, strategy)
+    info = data.dataset_info(config, need_eval=config.mode != 'train')
     chief = distribute.is_chief(strategy)
     set_up(config)
     tf.io.gfile.makedirs(config.model_dir)
@@ -68,14 +69,15 @@ def run(config: Config, flags: Optional[dict[str, Any]] = None) -> Optional[dict
     result = evaluate.evaluate(config, strategy, state.model, info, state.step)
     if chief:
         evaluate.write_results(config, result, flags)
-        export_model(config, state.model, state.step)
+        result['saved_model'] = export_model(config, state.model, state.step)
     return result
 
 
-def export_model(config: Config, model: keras.Model, step: int) -> None:
+def export_model(config: Config, model: keras.Model, step: int) -> str:
     from simclr_tf import export  # only the programs that export need it
     path = export.export_saved_model(model, config, step)
     logging.info('exported SavedModel to %s', path)
+    return path
 
 
 def restore_for_inference(config: Config, strategy: tf.distribute.Strategy,

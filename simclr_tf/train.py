@@ -167,6 +167,17 @@ def _progress_line(step: int, total: int, values: dict, images_per_s: float, eta
     return ' | '.join(parts)
 
 
+def _check_finite(state: TrainState, step: int) -> None:
+    """Never lets a checkpoint with NaN/Inf weights become the latest."""
+    bad = [v.path for v in state.model.trainable_variables
+           if not bool(tf.reduce_all(tf.math.is_finite(v)))]
+    if bad:
+        raise TrainingDiverged(
+            f'non-finite training metrics: weights became NaN/Inf by step {step} ({bad[0]}, …); '
+            f'stopped without saving, the last good checkpoint is {state.checkpointer.latest}. '
+            'Lower the learning rate or check the input data.')
+
+
 def _write_image_summary(config: Config, info: data.DatasetInfo, writer, step: int) -> None:
     """The augmented views the network sees (after blur), first view above the second."""
     if config.train_mode != 'pretrain':
@@ -229,6 +240,7 @@ def train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetIn
                 sys.stderr.flush()
             logging.info('%s', line)
             if step % state.checkpoint_steps == 0 or step == state.total_steps or stop.signal:
+                _check_finite(state, step)
                 state.checkpointer.save(step)
                 if on_checkpoint:
                     on_checkpoint(state)

@@ -80,7 +80,9 @@ def test_two_replicas_equal_one_device(initial_weights, two_replicas):
     for path in trained1:
         np.testing.assert_allclose(trained2[path], trained1[path], atol=1e-4, err_msg=path)
         moved += not np.allclose(trained1[path], initial[path], atol=1e-7)
-    assert moved > 0.8 * len(trained1), 'the step should change (almost) every weight'
+    # Zero-initialised last BN gammas block the first step's gradient into their branch, so not
+    # every weight moves; most do.
+    assert moved > 0.6 * len(trained1), 'the step should change most weights'
     stats1 = _values(state1.model.non_trainable_variables)
     stats2 = _values(state2.model.non_trainable_variables)
     assert stats1 and stats1.keys() == stats2.keys()
