@@ -1,0 +1,138 @@
+"""The training program end to end: the authors' command lines, resume, signals, result files."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simclr_tf import data, train
+from simclr_tf.config import Config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--resnet_depth=18', '--width_multiplier=0.25', '--image_size=16', '--proj_out_dim=16',
+        '--use_tpu=False', '--eval_split=test', '--knn_train_examples=64']
+
+
+def run_py(*args, timeout=600, **kwargs):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONUNBUFFERED='1')
+    return subprocess.run([sys.executable, 'run.py', *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=env, **kwargs)
+
+
+def test_authors_readme_commands_run_unchanged(tmp_path, sample_dir):
+    """tf2/README's CIFAR-10 pretraining then linear-eval command lines, data pointed at a folder."""
+    pretrain_dir, ft_dir = tmp_path / 'simclr_test', tmp_path / 'simclr_test_ft'
+    extra = ['--train_steps=2', '--train_batch_size=16', '--eval_steps=2']
+    pretrain = run_py(
+        '--train_mode=pretrain', '--train_batch_size=512', '--train_epochs=1000',
+        '--learning_rate=1.0', '--weight_decay=1e-4', '--temperature=0.5',
+        f'--dataset={sample_dir}', '--image_size=32', '--eval_split=test', '--resnet_depth=18',
+        '--use_blur=False', '--color_jitter_strength=0.5', f'--model_dir={pretrain_dir}',
+        '--use_tpu=False', *extra)
+    assert pretrain.returncode == 0, pretrain.stderr[-3000:]
+    assert tf.train.latest_checkpoint(str(pretrain_dir)).endswith('ckpt-2')
+
+    linear = run_py(
+        '--mode=train_then_eval', '--train_mode=finetune', '--fine_tune_after_block=4',
+        '--zero_init_logits_layer=True',
+        '--variable_schema=(?!global_step|(?:.*/|^)Momentum|head)', '--global_bn=False',
+        '--optimizer=momentum', '--learning_rate=0.1', '--weight_decay=0.0',
+        '--train_epochs=100', '--train_batch_size=512', '--warmup_epochs=0',
+        f'--dataset={sample_dir}', '--image_size=32', '--eval_split=test', '--resnet_depth=18',
+        f'--checkpoint={pretrain_dir}', f'--model_dir={ft_dir}', '--use_tpu=False', *extra)
+    assert linear.returncode == 0, linear.stderr[-3000:]
+    assert 'initialised' in linear.stderr and 'supervised head zero-initialised' in linear.stderr
+    result = json.loads((ft_dir / 'result.json').read_text())
+    assert result['global_step'] == 2
+    assert 0.0 <= result['eval/label_top_1_accuracy'] <= 1.0
+    assert json.loads((ft_dir / 'result_2.json').read_text()) == result
+    flags = json.loads((ft_dir / 'flags.json').read_text())
+    assert flags['fine_tune_after_block'] == 4 and flags['checkpoint'] == str(pretrain_dir)
+    assert (ft_dir / 'saved_model' / '2' / 'saved_model.pb').exists()
+
+    # The linear head trained on a frozen encoder: encoder weights equal the pretrained ones.
+    pre = tf.train.load_checkpoint(str(tf.train.latest_checkpoint(str(pretrain_dir))))
+    ft = tf.train.load_checkpoint(str(tf.train.latest_checkpoint(str(ft_dir))))
+    encoder_keys = [k for k, _ in tf.train.list_variables(str(pretrain_dir))
+                    if k.startswith('model/encoder/') and k.endswith('VARIABLE_VALUE')]
+    assert len(encoder_keys) > 50
+    for key in encoder_keys:
+        np.testing.assert_array_equal(ft.get_tensor(key), pre.get_tensor(key), err_msg=key)
+
+
+def _config(model_dir, sample_dir, **changes):
+    values = dict(dataset=sample_dir, resnet_depth=18, width_multiplier=0.25, image_size=16,
+                  proj_out_dim=16, use_tpu=False, train_batch_size=8, train_steps=4,
+                  checkpoint_steps=2, eval_split='test', seed=7, warmup_epochs=0.01,
+                  learning_rate=0.5, model_dir=str(model_dir), steps_per_loop=1)
+    values.update(changes)
+    return Config(**values).validate()
+
+
+class _Crash(Exception):
+    pass
+
+
+def _train(config, crash_at=None):
+    tf.keras.utils.set_random_seed(config.seed)
+    info = data.dataset_info(config, need_eval=False)
+
+    def maybe_crash(state):
+        if state.step == crash_at:
+            raise _Crash()
+
+    return train.train(config, tf.distribute.get_strategy(), info, on_checkpoint=maybe_crash)
+
+
+def test_resume_equals_uninterrupted(tmp_path, sample_dir):
+    """4 steps in one run == 2 steps, a crash after the checkpoint, and a rerun (with --seed)."""
+    whole = _train(_config(tmp_path / 'whole', sample_dir))
+    resumed_config = _config(tmp_path / 'resumed', sample_dir)
+    with pytest.raises(_Crash):
+        _train(resumed_config, crash_at=2)
+    assert tf.train.latest_checkpoint(str(tmp_path / 'resumed')).endswith('ckpt-2')
+    resumed = _train(resumed_config)
+    assert whole.step == resumed.step == 4
+    for a, b in zip(whole.model.variables, resumed.model.variables):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), atol=1e-5, err_msg=a.path)
+
+
+def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path, sample_dir):
+    args = [f'--dataset={sample_dir}', f'--model_dir={tmp_path}', '--train_steps=40',
+            '--train_batch_size=8', '--steps_per_loop=1', '--checkpoint_steps=1000', *TINY]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONUNBUFFERED='1')
+    proc = subprocess.Popen([sys.executable, 'run.py', *args], cwd=REPO, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    seen, deadline = [], time.time() + 300
+    for line in proc.stderr:
+        seen.append(line)
+        if re.search(r'step [3-9]/40', line) or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    log = ''.join(seen) + rest
+    assert proc.returncode == 0, log[-3000:]
+    stopped_at = int(re.search(r'stopped by signal \d+ at step (\d+)', log).group(1))
+    assert 3 <= stopped_at < 40
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith(f'ckpt-{stopped_at}')
+
+    rerun = run_py(*args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f'resumed from {tmp_path}/ckpt-{stopped_at}' in rerun.stderr
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-40')
+
+
+def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, sample_dir):
+    config = _config(tmp_path, sample_dir, learning_rate=1e30, optimizer='momentum',
+                     train_steps=6)
+    with pytest.raises(train.TrainingDiverged, match='non-finite training metrics'):
+        _train(config)
+    latest = tf.train.latest_checkpoint(str(tmp_path))
+    assert latest is None or int(latest.rsplit('-', 1)[1]) < 6
