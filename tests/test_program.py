@@ -81,7 +81,8 @@ class _Crash(Exception):
 
 
 def _train(config, crash_at=None):
-    tf.keras.utils.set_random_seed(config.seed)
+    from simclr_tf import program
+    program.set_up(config)  # seed, mixed-precision policy
     info = data.dataset_info(config, need_eval=False)
 
     def maybe_crash(state):
@@ -116,7 +117,7 @@ def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path, sample_dir):
         if re.search(r'step [3-9]/40', line) or time.time() > deadline:
             break
     proc.send_signal(signal.SIGTERM)
-    rest, _ = proc.communicate(timeout=120)
+    _, rest = proc.communicate(timeout=120)
     log = ''.join(seen) + rest
     assert proc.returncode == 0, log[-3000:]
     stopped_at = int(re.search(r'stopped by signal \d+ at step (\d+)', log).group(1))
@@ -136,3 +137,29 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, sample_dir):
         _train(config)
     latest = tf.train.latest_checkpoint(str(tmp_path))
     assert latest is None or int(latest.rsplit('-', 1)[1]) < 6
+
+
+def test_continuous_eval_evaluates_each_checkpoint(tmp_path, sample_dir):
+    from simclr_tf import program
+    config = _config(tmp_path, sample_dir, train_steps=2, checkpoint_steps=1, mode='train',
+                     eval_batch_size=50, eval_steps=1, knn_train_examples=50,
+                     keep_hub_module_max=2)
+    program.run(config)
+    result = program.run(config.replace(mode='eval', eval_timeout=3))
+    assert result['global_step'] == 2  # it stops after the last step's checkpoint
+    for step in (1, 2):
+        saved = json.loads((tmp_path / f'result_{step}.json').read_text())
+        assert saved['global_step'] == step and saved['eval/num_examples'] == 50
+        assert 0 <= saved['eval/knn_top_1_accuracy'] <= 1
+    assert sorted(os.listdir(tmp_path / 'saved_model')) == ['1', '2']
+
+
+@pytest.mark.parametrize('changes', [dict(jit_compile=True), dict(mixed_precision='bfloat16')])
+def test_xla_and_mixed_precision_train(tmp_path, sample_dir, changes):
+    import keras
+    try:
+        state = _train(_config(tmp_path, sample_dir, train_steps=1, use_blur=True, **changes))
+    finally:
+        keras.mixed_precision.set_global_policy('float32')
+    assert state.step == 1
+    assert all(np.all(np.isfinite(v.numpy())) for v in state.model.trainable_variables)
