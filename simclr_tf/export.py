@@ -1,0 +1,185 @@
+"""Hub-style SavedModel: the trained encoder and heads as downstream code loads them.
+
+A drop-in for code written against the authors' TF2 SavedModels, without their faults:
+
+    m = tf.saved_model.load(path)            # or tensorflow_hub.load(path)
+    out = m(images, trainable=False)         # float32 [N, H, W, 3] in [0, 1]; any N, H, W
+    out['final_avg_pool']                    # h, the representation
+
+`out` is the model's own output dict (`initial_conv`, `initial_max_pool`, `block_group1..4`,
+`final_avg_pool`, `proj_head_input`, `proj_head_output`, and `logits_sup` with a supervised head),
+not tensors looked up by graph name. `trainable=True` runs BN in training mode (batch statistics,
+moving averages updated). The call also takes Keras' `training=` in place of `trainable=`, because
+`hub.KerasLayer` passes `training` only to callables whose signature has it. The root carries
+`variables`, `trainable_variables` (those the trained model had, so `hub.KerasLayer(path,
+trainable=True)` fine-tunes the encoder) and `regularization_losses`, and a `serving_default`
+signature (inference mode) returns the same named outputs for TF Serving and
+`keras.layers.TFSMLayer`.
+
+`regularization_losses` holds one callable: the L2 weight decay as the training code adds it
+to the loss for a non-LARS optimizer (`optim.weight_decay_loss`: `weight_decay` × Σ ||w||²/2 over
+the trainable variables except BN's), i.e. what a fine-tuner with SGD or Adam adds to keep the
+decay the model was trained with (`hub.KerasLayer(..., trainable=True)` adds it to the losses).
+The authors exported an empty list. LARS decays inside its update, which a SavedModel cannot
+carry; the loss form is the nearest equivalent. With `weight_decay=0` the list is empty.
+
+The run's `Config` is written alongside, to `assets.extra/config.json` (image size, depth, …).
+An export is written to a hidden temporary directory next to `saved_model/<step>` and renamed into
+place, so a crash never leaves a half-written `saved_model/<step>` (renaming is atomic on local
+and POSIX file systems; object stores such as GCS copy). A process killed outright leaves its
+`.tmp-*` directory, which nothing loads or counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+import keras
+import tensorflow as tf
+
+from simclr_tf import optim
+from simclr_tf.config import Config
+
+EXPORT_DIR = 'saved_model'
+SIGNATURE = 'serving_default'
+# Wrong dtypes a caller is likely to pass (raw uint8 pixels, other floats): traced as functions
+# that fail with a message saying what to do, instead of TensorFlow's "no matching function".
+_WRONG_DTYPES = (tf.uint8, tf.int32, tf.int64, tf.float16, tf.bfloat16, tf.float64)
+# The call forms a loaded export accepts: the authors' `trainable`, or Keras' `training`.
+_CALL_MODES = ({'trainable': False}, {'trainable': True}, {'training': False}, {'training': True})
+
+
+def _check_images(images: tf.Tensor) -> tf.Tensor:
+    """Fails with a clear message unless images are [N, H, W, 3]; returns them with that shape.
+
+    The check is a run-time one (any rank is traced), behind a `tf.cond` so that static shape
+    inference of a loaded function never sees a wrong input shape and fails first with its own,
+    less helpful, message.
+    """
+    shape = tf.shape(images)
+    ok = tf.logical_and(tf.equal(tf.rank(images), 4), tf.reduce_all(tf.equal(shape[-1:], 3)))
+
+    def fail():
+        message = 'images must be float32 [N, H, W, 3] (RGB, values in [0, 1]); got shape'
+        with tf.control_dependencies([tf.debugging.Assert(False, [message, shape])]):
+            return tf.zeros([1, 1, 1, 3])
+
+    return tf.ensure_shape(tf.cond(ok, lambda: tf.identity(images), fail), [None, None, None, 3])
+
+
+def _wrong_dtype(images: tf.Tensor) -> dict[str, tf.Tensor]:
+    """A function body that always fails, for a traced wrong input dtype."""
+    message = (f'images must be float32 in [0, 1], got {images.dtype.name}; convert with '
+               'tf.image.convert_image_dtype(images, tf.float32)')
+    with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
+        return {'images': tf.identity(images)}
+
+
+def build_hub_module(model: keras.Model, config: Config
+                     ) -> tuple[tf.__internal__.tracking.AutoTrackable,
+                                tf.types.experimental.PolymorphicFunction]:
+    """The object `tf.saved_model.save` writes, and its serving signature.
+
+    Only the model's variables and functions are tracked, not the Keras objects, so loading needs
+    nothing of this package. (A plain trackable, as Keras' own export uses: `tf.Module` reserves
+    `variables` and `trainable_variables` for properties, which are not saved.)
+    """
+    module = tf.__internal__.tracking.AutoTrackable()
+    module.variables = list(model.variables)
+    module.trainable_variables = list(model.trainable_variables)
+
+    @tf.function
+    def forward(images, training):
+        return dict(model(images, training=training))
+
+    # Every call form is a thin function around one of the two traces of `forward`, so the model's
+    # graph is traced and stored twice (inference and training mode), not once per form.
+    @tf.function
+    def call(images, trainable=False, training=None):
+        if images.dtype != tf.float32:
+            return _wrong_dtype(images)
+        return forward(_check_images(images), trainable if training is None else training)
+
+    images = tf.TensorSpec(None, tf.float32, name='images')  # any rank: checked inside
+    for mode in _CALL_MODES:
+        call.get_concrete_function(images, **mode)
+        for dtype in _WRONG_DTYPES:
+            call.get_concrete_function(tf.TensorSpec(None, dtype, name='images'), **mode)
+    module.__call__ = call
+
+    regularization = []
+    decay_config = config.replace(optimizer='momentum')  # the L2 of a non-LARS optimizer
+    if config.weight_decay > 0:
+        regularization.append(tf.function(lambda: optim.weight_decay_loss(model, decay_config),
+                                          input_signature=[]))
+    module.regularization_losses = regularization
+
+    # A tf.function (not a concrete function), so saving traces it in its save context, which a
+    # model built under a distribution strategy needs.
+    serve = tf.function(lambda images: call(images, trainable=False),
+                        input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32,
+                                                       name='images')])
+    return module, serve
+
+
+def export_saved_model(model: keras.Model, config: Config, step: int) -> str:
+    """Writes `model_dir/saved_model/<step>/`, keeps the newest `keep_hub_module_max` exports,
+    returns the export's path. An existing export of the same step is replaced (new one written
+    first, then swapped in)."""
+    root = os.path.join(config.model_dir, EXPORT_DIR)
+    final = os.path.join(root, str(int(step)))
+    tf.io.gfile.makedirs(root)
+    tag = f'{int(step)}-{uuid.uuid4().hex[:8]}'
+    temporary = os.path.join(root, f'.tmp-{tag}')
+    try:
+        module, serve = build_hub_module(model, config)
+        tf.saved_model.save(module, temporary, signatures={SIGNATURE: serve})
+        tf.io.gfile.makedirs(os.path.join(temporary, 'assets.extra'))
+        with tf.io.gfile.GFile(os.path.join(temporary, 'assets.extra', 'config.json'), 'w') as f:
+            f.write(config.to_json())
+        if tf.io.gfile.exists(final):
+            old = os.path.join(root, f'.old-{tag}')
+            tf.io.gfile.rename(final, old)
+            tf.io.gfile.rename(temporary, final)
+            tf.io.gfile.rmtree(old)
+        else:
+            tf.io.gfile.rename(temporary, final)
+    finally:
+        if tf.io.gfile.exists(temporary):
+            tf.io.gfile.rmtree(temporary)
+    _keep_newest(root, config.keep_hub_module_max, keep=int(step))
+    return final
+
+
+def _keep_newest(root: str, count: int, keep: int) -> None:
+    """Deletes all but the `count` highest-step exports under root (as the authors), sparing
+    `keep`, the one just written."""
+    steps = sorted(int(name.rstrip('/')) for name in tf.io.gfile.listdir(root)
+                   if name.rstrip('/').isdigit())
+    for step in steps[:-count]:
+        if step != keep:
+            logging.info('deleting old export %s', os.path.join(root, str(step)))
+            tf.io.gfile.rmtree(os.path.join(root, str(step)))
+
+
+def load_saved_model(path: str):
+    """Loads an export (`model_dir/saved_model/<step>`) or raises an error saying what is there."""
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f'{path!r} does not exist; expected an export directory '
+                                f'model_dir/{EXPORT_DIR}/<step>')
+    if not tf.io.gfile.exists(os.path.join(path, 'saved_model.pb')):
+        candidates = []  # the path may be a model_dir or its saved_model/: name what is inside
+        for base in (path, os.path.join(path, EXPORT_DIR)):
+            if tf.io.gfile.isdir(base):
+                steps = sorted(int(n.rstrip('/')) for n in tf.io.gfile.listdir(base)
+                               if n.rstrip('/').isdigit())
+                candidates += [os.path.join(base, str(step)) for step in steps]
+        hint = f'; exports found under it: {", ".join(candidates)}' if candidates else ''
+        raise ValueError(f'{path!r} is not a SavedModel export (no saved_model.pb); expected '
+                         f'model_dir/{EXPORT_DIR}/<step>{hint}')
+    loaded = tf.saved_model.load(path)
+    if not callable(loaded):
+        raise ValueError(f'{path!r} is a SavedModel but not a hub-style export: it has no __call__')
+    return loaded
