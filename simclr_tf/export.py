@@ -32,6 +32,7 @@ and POSIX file systems; object stores such as GCS copy). A process killed outrig
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
@@ -77,6 +78,23 @@ def _wrong_dtype(images: tf.Tensor) -> dict[str, tf.Tensor]:
         return {'images': tf.identity(images)}
 
 
+@contextlib.contextmanager
+def single_replica_batch_norm(model: keras.Model):
+    """Traces synchronised (global) BN as plain BN, which it is on the one replica a SavedModel
+    runs on. The cross-replica all-reduce would otherwise be saved with its custom gradient, whose
+    own gradient is not saved: loading then warns once per BN layer about "unsaved custom
+    gradients" (first-order gradients work; second-order ones would fail)."""
+    layers = [layer for layer in model._flatten_layers(include_self=True, recursive=True)
+              if isinstance(layer, keras.layers.BatchNormalization) and layer.synchronized]
+    for layer in layers:
+        layer.synchronized = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.synchronized = True
+
+
 def build_hub_module(model: keras.Model, config: Config
                      ) -> tuple[tf.__internal__.tracking.AutoTrackable,
                                 tf.types.experimental.PolymorphicFunction]:
@@ -84,7 +102,8 @@ def build_hub_module(model: keras.Model, config: Config
 
     Only the model's variables and functions are tracked, not the Keras objects, so loading needs
     nothing of this package. (A plain trackable, as Keras' own export uses: `tf.Module` reserves
-    `variables` and `trainable_variables` for properties, which are not saved.)
+    `variables` and `trainable_variables` for properties, which are not saved.) Build and save
+    inside `single_replica_batch_norm(model)`: saving traces the functions again.
     """
     module = tf.__internal__.tracking.AutoTrackable()
     module.variables = list(model.variables)
@@ -134,8 +153,9 @@ def export_saved_model(model: keras.Model, config: Config, step: int) -> str:
     tag = f'{int(step)}-{uuid.uuid4().hex[:8]}'
     temporary = os.path.join(root, f'.tmp-{tag}')
     try:
-        module, serve = build_hub_module(model, config)
-        tf.saved_model.save(module, temporary, signatures={SIGNATURE: serve})
+        with single_replica_batch_norm(model):
+            module, serve = build_hub_module(model, config)
+            tf.saved_model.save(module, temporary, signatures={SIGNATURE: serve})
         tf.io.gfile.makedirs(os.path.join(temporary, 'assets.extra'))
         with tf.io.gfile.GFile(os.path.join(temporary, 'assets.extra', 'config.json'), 'w') as f:
             f.write(config.to_json())

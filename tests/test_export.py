@@ -48,26 +48,31 @@ def perturb(model: keras.Model) -> None:
 
 
 @pytest.fixture(scope='module')
-def exported(tmp_path_factory, sample_dir):
-    """(config, model, export path, expected outputs) — one export shared by the tests."""
+def exported(tmp_path_factory, sample_dir, two_replicas):
+    """(config, model, export path, expected outputs) — one export shared by the tests. The model
+    is built as the program builds it, under a strategy: here two replicas, so its variables are
+    mirrored, which saving must handle."""
     config = TINY.replace(model_dir=str(tmp_path_factory.mktemp('model_dir')))
     keras.utils.set_random_seed(0)
-    model = build_model(config, NUM_CLASSES)
+    with two_replicas.scope():
+        model = build_model(config, NUM_CLASSES)
     perturb(model)
     path = export.export_saved_model(model, config, STEP)
-    # The reference is the model run as a graph, as the export runs it: eager and graph runs of
-    # the same model differ by up to ~1e-4 in training-mode BN over a few examples (the projection
-    # head's BN normalises a batch of 4 by variances near its epsilon).
+    # The reference is the model run as the export runs it: as a graph, with global BN as the
+    # plain BN it is on one replica. Rounding alone separates it from an eager run, or from global
+    # BN's one-pass variance (E[x^2] - E[x]^2), by up to ~1e-4 in training-mode BN over a few
+    # examples: the projection head's BN divides by variances near its epsilon.
     spec = [tf.TensorSpec([None, None, None, 3], tf.float32)]
     forward = {mode: tf.function(lambda x, mode=mode: model(x, training=mode), input_signature=spec)
                for mode in (False, True)}
     expected = {}
-    for trainable in (False, True):  # inference first: training mode moves the BN statistics
-        for offset, (key, (n, size)) in enumerate(INPUTS.items()):
-            x = sample_images(sample_dir, n, size, offset)
-            expected[key] = x
-            for name, value in forward[trainable](x).items():
-                expected[f'{key}/{trainable}/{name}'] = value.numpy()
+    with export.single_replica_batch_norm(model):
+        for trainable in (False, True):  # inference first: training mode moves BN statistics
+            for offset, (key, (n, size)) in enumerate(INPUTS.items()):
+                x = sample_images(sample_dir, n, size, offset)
+                expected[key] = x
+                for name, value in forward[trainable](x).items():
+                    expected[f'{key}/{trainable}/{name}'] = value.numpy()
     return config, model, path, expected
 
 
@@ -77,9 +82,10 @@ def loaded(exported):
 
 
 def test_export_directory_holds_only_the_step(exported):
-    config, _, path, _ = exported
+    config, model, path, _ = exported
     assert path == os.path.join(config.model_dir, 'saved_model', str(STEP))
     assert os.listdir(os.path.dirname(path)) == [str(STEP)]  # no temporaries left
+    assert isinstance(model.variables[0].value, tf.distribute.DistributedValues)
     assert os.path.isfile(os.path.join(path, 'saved_model.pb'))
     with open(os.path.join(path, 'assets.extra', 'config.json')) as f:
         assert Config.from_dict(json.load(f)) == config
@@ -129,6 +135,23 @@ def test_fresh_process_without_the_package_reproduces_the_model(exported, tmp_pa
     for name in names:
         np.testing.assert_allclose(got[f'serving/{name}'], expected[f'x7/False/{name}'],
                                    rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_no_custom_gradients_are_saved(exported):
+    """Global BN's all-reduce carries a custom gradient whose own gradient a SavedModel does not
+    keep; loading such an export warns per BN layer. Ours is traced as the plain BN it is on one
+    replica (the model here has global_bn=True)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+    assert exported[0].global_bn
+    saved = saved_model_pb2.SavedModel()
+    with open(os.path.join(exported[2], 'saved_model.pb'), 'rb') as f:
+        saved.ParseFromString(f.read())
+    functions = saved.meta_graphs[0].graph_def.library.function
+    assert len(functions) > 0
+    assert not [node.name for function in functions for node in function.node_def
+                if '_gradient_op_type' in node.attr]
+    assert all(layer.synchronized for layer in exported[1]._flatten_layers()
+               if isinstance(layer, keras.layers.BatchNormalization))  # restored after export
 
 
 def test_root_carries_variables_and_weight_decay(exported, loaded):
@@ -277,23 +300,23 @@ def fake_save(obj, export_dir, **kwargs):
         f.write(str(fake_save.calls))
 
 
-def test_replacement_and_keeping_the_newest(tmp_path, monkeypatch):
+def test_replacement_and_keeping_the_newest(exported, tmp_path, monkeypatch):
     fake_save.calls = 0
     monkeypatch.setattr(tf.saved_model, 'save', fake_save)
     monkeypatch.setattr(export, 'build_hub_module', lambda model, config: (None, None))
     config = TINY.replace(model_dir=str(tmp_path), keep_hub_module_max=2)
-    root = tmp_path / 'saved_model'
+    model, root = exported[1], tmp_path / 'saved_model'
 
     def written(step):
         return (root / str(step) / 'saved_model.pb').read_text()
 
     for step in (10, 20, 30):
-        export.export_saved_model(None, config, step)
+        export.export_saved_model(model, config, step)
     assert sorted(os.listdir(root)) == ['20', '30']
-    path = export.export_saved_model(None, config, 30)  # same step again: replaced
+    path = export.export_saved_model(model, config, 30)  # same step again: replaced
     assert path == str(root / '30') and written(30) == '4'
     assert sorted(os.listdir(root)) == ['20', '30']
-    export.export_saved_model(None, config, 5)  # older than both: kept, being the one asked for
+    export.export_saved_model(model, config, 5)  # older than both: kept, being the one asked for
     assert sorted(os.listdir(root)) == ['20', '30', '5']
-    export.export_saved_model(None, config, 40)
+    export.export_saved_model(model, config, 40)
     assert sorted(os.listdir(root)) == ['30', '40']
