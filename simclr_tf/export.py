@@ -55,19 +55,18 @@ _CALL_MODES = ({'trainable': False}, {'trainable': True}, {'training': False}, {
 def _check_images(images: tf.Tensor) -> tf.Tensor:
     """Fails with a clear message unless images are [N, H, W, 3]; returns them with that shape.
 
-    The check is a run-time one (any rank is traced), behind a `tf.cond` so that static shape
-    inference of a loaded function never sees a wrong input shape and fails first with its own,
-    less helpful, message.
+    The check runs at call time (any rank is traced). The images then pass through a `tf.cond`
+    whose other branch has another shape: static shape inference of a loaded function called with
+    a wrong shape then sees an unknown shape, instead of failing before the check with a message
+    about an internal op. (The assert stays outside the cond: a stateful op inside its branches
+    makes grappler warn on every call.)
     """
     shape = tf.shape(images)
     ok = tf.logical_and(tf.equal(tf.rank(images), 4), tf.reduce_all(tf.equal(shape[-1:], 3)))
-
-    def fail():
-        message = 'images must be float32 [N, H, W, 3] (RGB, values in [0, 1]); got shape'
-        with tf.control_dependencies([tf.debugging.Assert(False, [message, shape])]):
-            return tf.zeros([1, 1, 1, 3])
-
-    return tf.ensure_shape(tf.cond(ok, lambda: tf.identity(images), fail), [None, None, None, 3])
+    message = 'images must be float32 [N, H, W, 3] (RGB, values in [0, 1]); got shape'
+    with tf.control_dependencies([tf.debugging.Assert(ok, [message, shape])]):
+        images = tf.cond(ok, lambda: tf.identity(images), lambda: tf.zeros([1, 1, 1, 3]))
+    return tf.ensure_shape(images, [None, None, None, 3])
 
 
 def _wrong_dtype(images: tf.Tensor) -> dict[str, tf.Tensor]:
