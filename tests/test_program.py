@@ -169,3 +169,45 @@ def test_xla_and_mixed_precision_train(tmp_path, sample_dir, changes):
         keras.mixed_precision.set_global_policy('float32')
     assert state.step == 1
     assert all(np.all(np.isfinite(v.numpy())) for v in state.model.trainable_variables)
+
+
+def _free_ports(n):
+    import socket
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(('127.0.0.1', 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _losses(log):
+    return [float(x) for x in re.findall(r'step \d+/2 \| loss ([0-9.]+)', log)]
+
+
+def test_two_workers_match_one_process(tmp_path, sample_dir):
+    """Two worker processes on 127.0.0.1 (TF_CONFIG) report the one-process loss, step by step."""
+    args = [f'--dataset={sample_dir}', '--train_steps=2', '--train_batch_size=16', '--seed=3',
+            '--steps_per_loop=1', '--use_blur=False', *TINY]
+    single = run_py(*args, f'--model_dir={tmp_path / "single"}')
+    assert single.returncode == 0, single.stderr[-3000:]
+    expected = _losses(single.stderr)
+    assert len(expected) == 2
+
+    ports = _free_ports(2)
+    cluster = {'worker': [f'127.0.0.1:{p}' for p in ports]}
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONUNBUFFERED='1')
+    workers = [subprocess.Popen(
+        [sys.executable, 'run.py', *args, f'--model_dir={tmp_path / "multi"}'], cwd=REPO,
+        stderr=subprocess.PIPE, text=True,
+        env=dict(env, TF_CONFIG=json.dumps({'cluster': cluster,
+                                            'task': {'type': 'worker', 'index': i}})))
+        for i in range(2)]
+    logs = [w.communicate(timeout=600)[1] for w in workers]
+    for w, log in zip(workers, logs):
+        assert w.returncode == 0, log[-3000:]
+        assert '2 replicas' in log
+        np.testing.assert_allclose(_losses(log), expected, rtol=1e-4)
+    assert tf.train.latest_checkpoint(str(tmp_path / 'multi')).endswith('ckpt-2')
+    assert not [p for p in os.listdir(tmp_path / 'multi') if p.startswith('.worker')]
