@@ -1,0 +1,467 @@
+"""The stochastic data augmentation module (paper §3, Appendix A).
+
+Every op works on a batch of float32 images in [0, 1], [b, H, W, 3], with its own random
+parameters per image, drawn by stateless ops from one seed (shape [2] int): a view is a pure
+function of (images, seed). The public `preprocess_*` functions also take a single [H, W, 3]
+image. Working on whole batches lets the input pipeline run one graph call per batch instead of
+one per image, which is what makes it fast on a CPU.
+
+A pretraining view applies `config.augmentation_list` in order (default crop, flip, color, blur),
+except blur: like the authors, the training loop blurs whole batches after both views are made
+(`batch_random_blur`). The paper's other ablation ops (Figure 5) are here too: cutout, Sobel
+filter, Gaussian noise, rotation.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional, Sequence
+
+import tensorflow as tf
+
+from simclr_tf import config as config_lib
+from simclr_tf.config import Config
+
+CROP_AREA = (0.08, 1.0)
+CROP_ASPECT = (3 / 4, 4 / 3)  # width / height
+CROP_ATTEMPTS = 100
+EVAL_CROP_PROPORTION = 0.875
+JITTER_P, GRAYSCALE_P, BLUR_P, FLIP_P = 0.8, 0.2, 0.5, 0.5
+BLUR_SIGMA = (0.1, 2.0)
+CUTOUT_SIDE = 0.5  # of the shorter side, as DeVries & Taylor's 16 px square on 32 px CIFAR
+NOISE_STD_MAX = 0.1  # sigma ~ U(0, 0.1) per image, on the [0, 1] scale
+
+Seed = tf.Tensor
+RNG = 'philox'
+
+
+def _seed(seed: Optional[Seed]) -> Seed:
+    """A stateless seed: the given one, or a fresh random one."""
+    if seed is None:
+        return tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int64)
+    return tf.cast(seed, tf.int64)
+
+
+# Philox named, not left to 'auto_select'. (XLA-compiled ops still draw other numbers than
+# plain ones from the same seed; both are deterministic.)
+def _split(seed: Seed, n: int) -> list[Seed]:
+    return tf.unstack(tf.random.experimental.stateless_split(seed, n, alg=RNG))
+
+
+def _uniform(seed: Seed, shape, low: float = 0.0, high: float = 1.0, dtype=tf.float32
+             ) -> tf.Tensor:
+    return tf.random.stateless_uniform(shape, seed, minval=low, maxval=high, dtype=dtype,
+                                       alg=RNG)
+
+
+def _per_image(x: tf.Tensor) -> tf.Tensor:
+    """[b] -> [b, 1, 1, 1], to broadcast a per-image value over pixels."""
+    return x[:, None, None, None]
+
+
+def _select(fired: tf.Tensor, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    return tf.where(_per_image(fired), a, b)
+
+
+def to_float(image: tf.Tensor) -> tf.Tensor:
+    """uint8 [0, 255] or float [0, 1] -> float32 [0, 1]."""
+    return tf.image.convert_image_dtype(image, tf.float32)
+
+
+# ---------------------------------------------------------------- crop and resize
+def _sample_crops(height: tf.Tensor, width: tf.Tensor, batch: tf.Tensor, seed: Seed
+                  ) -> tf.Tensor:
+    """[b, 4] boxes (top, left, height, width) of random crops: area U(0.08, 1) of the image,
+    aspect ratio U(3/4, 4/3). 100 attempts per image are drawn at once; the first whose integer
+    box fits and still meets both ranges wins, else a centre crop of the image's clamped
+    aspect ratio."""
+    area_seed, aspect_seed, offset_seed = _split(seed, 3)
+    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    area = _uniform(area_seed, [batch, CROP_ATTEMPTS], *CROP_AREA) * h * w
+    aspect = _uniform(aspect_seed, [batch, CROP_ATTEMPTS], *CROP_ASPECT)
+    cw = tf.round(tf.sqrt(area * aspect))
+    ch = tf.round(tf.sqrt(area / aspect))
+    ok = ((cw >= 1) & (ch >= 1) & (cw <= w) & (ch <= h) & (cw * ch >= CROP_AREA[0] * h * w)
+          & (cw >= CROP_ASPECT[0] * ch) & (cw <= CROP_ASPECT[1] * ch))
+    first = tf.argmax(tf.cast(ok, tf.int32), axis=1)[:, None]
+    found = tf.reduce_any(ok, axis=1)
+    ch = tf.where(found, tf.gather(ch, first, batch_dims=1)[:, 0],
+                  tf.minimum(h, tf.round(w / CROP_ASPECT[0])))
+    cw = tf.where(found, tf.gather(cw, first, batch_dims=1)[:, 0],
+                  tf.minimum(w, tf.round(h * CROP_ASPECT[1])))
+    u = _uniform(offset_seed, [2, batch])
+    top = tf.where(found, tf.floor(u[0] * (h - ch + 1)), tf.floor((h - ch) / 2))
+    left = tf.where(found, tf.floor(u[1] * (w - cw + 1)), tf.floor((w - cw) / 2))
+    return tf.cast(tf.stack([top, left, ch, cw], axis=1), tf.int32)
+
+
+def _bicubic_taps(start: tf.Tensor, length: tf.Tensor, size: int
+                  ) -> tuple[tf.Tensor, tf.Tensor]:
+    """Source indices and weights [b, size, 4] of bicubic resampling of the [start, start +
+    length) window of each image to `size` samples, as tf.image.resize(method='bicubic') does:
+    half-pixel centres, Keys' kernel with a = -0.5 (offsets quantised to 1/1024 like TF's
+    table), taps outside the window dropped and the rest renormalised."""
+    length_f = tf.cast(length, tf.float32)[:, None]
+    x = (tf.range(size, dtype=tf.float32)[None, :] + 0.5) * length_f / size - 0.5
+    x0 = tf.floor(x)
+    t = tf.round((x - x0) * 1024.0) / 1024.0
+    d = tf.abs(t[..., None] - tf.constant([-1.0, 0.0, 1.0, 2.0]))  # distance to each tap
+    a = -0.5
+    weights = tf.where(d <= 1.0, ((a + 2) * d - (a + 3)) * d * d + 1,
+                       ((a * d - 5 * a) * d + 8 * a) * d - 4 * a)
+    taps = x0[..., None] + tf.constant([-1.0, 0.0, 1.0, 2.0])
+    weights *= tf.cast((taps >= 0) & (taps < length_f[..., None]), tf.float32)
+    weights /= tf.reduce_sum(weights, axis=-1, keepdims=True)
+    taps = tf.clip_by_value(taps, 0.0, length_f[..., None] - 1.0)
+    return tf.cast(taps, tf.int32) + start[:, None, None], weights
+
+
+def crop_and_resize(images: tf.Tensor, boxes: tf.Tensor, size: int) -> tf.Tensor:
+    """Crops boxes [b, 4] (top, left, height, width) and resizes each to size x size, bicubic:
+    separable gathers of 4 taps per output pixel, so the cost follows the output size."""
+    rows, row_w = _bicubic_taps(boxes[:, 0], boxes[:, 2], size)
+    cols, col_w = _bicubic_taps(boxes[:, 1], boxes[:, 3], size)
+    x = tf.gather(images, rows, axis=1, batch_dims=1)  # [b, size, 4, W, C]
+    x = tf.einsum('bstwc,bst->bswc', x, row_w)
+    x = tf.gather(x, cols, axis=2, batch_dims=1)  # [b, size, size, 4, C]
+    return tf.einsum('bsxtc,bxt->bsxc', x, col_w)
+
+
+def random_resized_crop(images: tf.Tensor, size: int, seed: Seed) -> tf.Tensor:
+    """Inception-style random crop, resized back to size x size (bicubic)."""
+    shape = tf.shape(images)
+    return crop_and_resize(images, _sample_crops(shape[1], shape[2], shape[0], seed), size)
+
+
+def center_crop_resize(images: tf.Tensor, size: int) -> tf.Tensor:
+    """The eval view: above 32 px the central 87.5 % square, resized to size; at <= 32 px the
+    image as it is (CIFAR), resized only if its size differs."""
+    shape = tf.shape(images)
+    h, w = shape[1], shape[2]
+    if size > 32:
+        side = tf.cast(tf.round(EVAL_CROP_PROPORTION * tf.cast(tf.minimum(h, w), tf.float32)),
+                       tf.int32)
+        box = tf.stack([(h - side + 1) // 2, (w - side + 1) // 2, side, side])
+    else:
+        box = tf.stack([0, 0, h, w])
+    boxes = tf.tile(box[None], [shape[0], 1])
+    return tf.cond((h == size) & (w == size) & (box[2] == h) & (box[3] == w),
+                   lambda: tf.identity(images), lambda: crop_and_resize(images, boxes, size))
+
+
+def random_flip(images: tf.Tensor, seed: Seed) -> tf.Tensor:
+    return _select(_uniform(seed, [tf.shape(images)[0]]) < FLIP_P, tf.reverse(images, [2]),
+                   images)
+
+
+# ---------------------------------------------------------------- colour distortion
+def color_jitter(images: tf.Tensor, strength: float, seed: Seed,
+                 brightness: str = 'multiplicative', jit: bool = False) -> tf.Tensor:
+    """Brightness, contrast, saturation (0.8 s each) and hue (0.2 s) in a random order per
+    image, clipping to [0, 1] after each, as the authors do. Brightness is multiplicative
+    (SimCLRv2: x * U(1 - d, 1 + d)) or additive (v1: x + U(-d, d))."""
+    if strength <= 0:
+        return images
+    b = tf.shape(images)[0]
+    order_seed, b_seed, c_seed, s_seed, h_seed = _split(seed, 5)
+    delta = 0.8 * strength
+
+    def factor(seed):
+        return _uniform(seed, [b], max(1.0 - delta, 0.0), 1.0 + delta)
+
+    if brightness == 'multiplicative':
+        bright_scale, bright_shift = factor(b_seed), tf.zeros([b])
+    else:
+        bright_scale, bright_shift = tf.ones([b]), _uniform(b_seed, [b], -delta, delta)
+    hue_delta = min(0.2 * strength, 0.5)
+    params = (bright_scale, bright_shift, factor(c_seed), factor(s_seed),
+              _uniform(h_seed, [b], -hue_delta, hue_delta))
+    # order[:, k]: the op at step k (0 brightness, 1 contrast, 2 saturation, 3 hue).
+    order = tf.argsort(_uniform(order_seed, [b, 4]), axis=1, stable=True)
+    step = _compiled(_jitter_step, jit)  # one program, run four times
+    for k in range(4):
+        images = step(images, order[:, k], *params)
+    return images
+
+
+def _jitter_step(images, op, bright_scale, bright_shift, contrast, saturation, hue):
+    """Applies to each image its op of this step. Brightness and contrast are both affine
+    (contrast: x * f + mean * (1 - f)), saturation and hue both rescale or turn one HSV
+    coordinate, so a step is one affine map and one HSV round trip with per-image parameters
+    (identity where the image's op is of the other kind), not four ops."""
+    mean = tf.reduce_mean(images, axis=[1, 2], keepdims=True)
+    scale = tf.where(op == 0, bright_scale, tf.where(op == 1, contrast, 1.0))
+    shift = _per_image(tf.where(op == 0, bright_shift, 0.0)) + tf.where(
+        _per_image(op == 1), mean * _per_image(1.0 - contrast), 0.0)
+    affine = images * _per_image(scale) + shift
+    h, s, v = tf.unstack(tf.image.rgb_to_hsv(images), axis=-1)
+    h = tf.math.floormod(h + _per_image(tf.where(op == 3, hue, 0.0))[..., 0], 1.0)
+    s = tf.clip_by_value(s * _per_image(tf.where(op == 2, saturation, 1.0))[..., 0], 0.0, 1.0)
+    hsv = tf.image.hsv_to_rgb(tf.stack([h, s, v], axis=-1))
+    return tf.clip_by_value(_select(op >= 2, hsv, affine), 0.0, 1.0)
+
+
+def to_grayscale(images: tf.Tensor) -> tf.Tensor:
+    return tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(images))
+
+
+def _color_coins(batch: tf.Tensor, seed: Seed) -> tuple[tf.Tensor, tf.Tensor, Seed]:
+    """Per image: whether the jitter fires (p = 0.8), whether grayscale fires (p = 0.2)."""
+    jitter_coin, gray_coin, jitter_seed = _split(seed, 3)
+    return (_uniform(jitter_coin, [batch]) < JITTER_P, _uniform(gray_coin, [batch]) < GRAYSCALE_P,
+            jitter_seed)
+
+
+def random_color_distortion(images: tf.Tensor, config: Config, seed: Seed, jit: bool = False
+                            ) -> tf.Tensor:
+    """Colour jitter with p = 0.8, then (independently) grayscale with p = 0.2."""
+    jitter, gray, jitter_seed = _color_coins(tf.shape(images)[0], seed)
+    jittered = color_jitter(images, config.color_jitter_strength, jitter_seed, config.brightness,
+                            jit)
+    return _compiled(_select_then_gray, jit)(jitter, gray, jittered, images)
+
+
+def _select_then_gray(jitter: tf.Tensor, gray: tf.Tensor, jittered: tf.Tensor,
+                      images: tf.Tensor) -> tf.Tensor:
+    images = _select(jitter, jittered, images)
+    return _select(gray, to_grayscale(images), images)
+
+
+# ---------------------------------------------------------------- the ablation's other ops
+def cutout(images: tf.Tensor, seed: Seed) -> tf.Tensor:
+    """Blacks out a square of half the shorter side, centred anywhere (clipped at the border)."""
+    shape = tf.shape(images)
+    h, w = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+    half = tf.floor(CUTOUT_SIDE * tf.minimum(h, w)) / 2
+    centre = tf.floor(_uniform(seed, [2, shape[0], 1]) * tf.stack([h, w])[:, None, None])
+    rows = tf.abs(tf.range(h)[None] - centre[0]) < half  # [b, H]
+    cols = tf.abs(tf.range(w)[None] - centre[1]) < half  # [b, W]
+    inside = rows[:, :, None, None] & cols[:, None, :, None]
+    return tf.where(inside, 0.0, images)
+
+
+def sobel(images: tf.Tensor) -> tf.Tensor:
+    """Gradient magnitude of the grey image, scaled to [0, 1] per image, as three channels."""
+    edges = tf.image.sobel_edges(tf.image.rgb_to_grayscale(images))  # [b, H, W, 1, 2]
+    magnitude = tf.norm(edges, axis=-1)
+    magnitude /= tf.maximum(tf.reduce_max(magnitude, axis=[1, 2, 3], keepdims=True), 1e-6)
+    return tf.image.grayscale_to_rgb(magnitude)
+
+
+def gaussian_noise(images: tf.Tensor, seed: Seed) -> tf.Tensor:
+    std_seed, noise_seed = _split(seed, 2)
+    std = _per_image(_uniform(std_seed, [tf.shape(images)[0]], 0.0, NOISE_STD_MAX))
+    return images + std * tf.random.stateless_normal(tf.shape(images), noise_seed, alg=RNG)
+
+
+def random_rotate(images: tf.Tensor, seed: Seed) -> tf.Tensor:
+    """Rotation by 0, 90, 180 or 270 degrees, equally likely, per image (square images; a
+    single image may be any shape)."""
+    k = _uniform(seed, [tf.shape(images)[0]], 0, 4, tf.int32)
+    if images.shape[0] == 1:
+        return tf.image.rot90(images, k[0])
+    out = images
+    for quarter in (1, 2, 3):
+        out = _select(k == quarter, tf.image.rot90(images, quarter), out)
+    return out
+
+
+# ---------------------------------------------------------------- views
+# The ops a view is made of, by name; each maps a batch in [0, 1] to a batch in [0, 1].
+_OPS: dict[str, Callable[[tf.Tensor, int, Seed], tf.Tensor]] = {
+    'crop': lambda x, size, s: random_resized_crop(x, size, s),
+    'flip': lambda x, size, s: random_flip(x, s),
+    'cutout': lambda x, size, s: cutout(x, s),
+    'sobel': lambda x, size, s: sobel(x),
+    'noise': lambda x, size, s: gaussian_noise(x, s),
+    'rotate': lambda x, size, s: random_rotate(x, s),
+}  # and 'color', which needs more of the config: random_color_distortion
+
+
+def pretrain_ops(config: Config) -> tuple[str, ...]:
+    """The per-image ops of a pretraining view, in order (blur is batched separately)."""
+    return tuple(name for name in config.augmentation_list if name != 'blur')
+
+
+FINETUNE_OPS = ('crop', 'flip')  # the original's preprocess_for_train with color_distort=False
+
+
+@functools.lru_cache(maxsize=None)
+def _xla(fn: Callable) -> Callable:
+    return tf.function(fn, jit_compile=True, autograph=False)
+
+
+def _compiled(fn: Callable, jit: bool) -> Callable:
+    """fn, or fn compiled with XLA (one program per input shape, shared by all callers). On a
+    CPU, XLA fuses chains of elementwise steps: 3-4x faster here. The colour distortion is
+    compiled apart from its neighbours: in one program XLA would recompute the whole fused
+    jitter inside each of its consumers."""
+    return _xla(fn) if jit else fn
+
+
+def _run(images: tf.Tensor, names: tuple[str, ...], size: int, seeds: tf.Tensor, fit: bool
+         ) -> tf.Tensor:
+    """to float, fit to size x size if asked, then the named (non-colour) ops, clipping each."""
+    images = to_float(images)
+    if fit:
+        images = center_crop_resize(images, size)
+    for name, seed in zip(names, tf.unstack(seeds, num=len(names))):
+        images = tf.clip_by_value(_OPS[name](images, size, seed), 0.0, 1.0)
+    return images
+
+
+def view(images: tf.Tensor, names: Sequence[str], config: Config, seed: Optional[Seed] = None,
+         fit: bool = True, jit: bool = False) -> tf.Tensor:
+    """One view of an image [H, W, 3] or a batch [b, H, W, 3] (uint8 or float in [0, 1]): the
+    named ops in order, float32 in [0, 1] out. Without 'crop' the images are first fitted to
+    image_size as for eval (fit=False: they already went through a crop).
+
+    Each op draws from the seed of its name, not of its place, so adding an op leaves the
+    others' draws unchanged. jit=True compiles the ops with XLA (the input pipeline does);
+    compiled ops draw other numbers than plain ones from the same seed."""
+    single = images.shape.rank == 3
+    images = images[None] if single else images
+    seeds = dict(zip(config_lib.AUGMENTATIONS, _split(_seed(seed), len(config_lib.AUGMENTATIONS))))
+    # Runs of ops between colour distortions, each one program when compiled.
+    runs: list[tuple[str, ...]] = [()]
+    for name in names:
+        if name == 'color':
+            runs += [('color',), ()]
+        else:
+            runs[-1] += (name,)
+    for i, run in enumerate(runs):
+        if run == ('color',):
+            images = random_color_distortion(images, config, seeds['color'], jit)
+        elif run or i == 0:
+            run_seeds = tf.stack([seeds[name] for name in run]) if run else tf.zeros([0, 2],
+                                                                                    tf.int64)
+            images = _compiled(_run, jit)(images, run, config.image_size, run_seeds,
+                                          fit and i == 0 and 'crop' not in names)
+    size = config.image_size
+    images = tf.ensure_shape(images, [None, size, size, 3])
+    return images[0] if single else images
+
+
+def preprocess_for_pretrain(image: tf.Tensor, config: Config, seed: Optional[Seed] = None
+                            ) -> tf.Tensor:
+    """One pretraining view of an image or a batch: `config.augmentation_list` except blur."""
+    return view(image, pretrain_ops(config), config, seed)
+
+
+def preprocess_for_finetune(image: tf.Tensor, config: Config, seed: Optional[Seed] = None
+                            ) -> tf.Tensor:
+    """Supervised training view: random crop and flip, no colour distortion."""
+    return view(image, FINETUNE_OPS, config, seed)
+
+
+def preprocess_for_eval(image: tf.Tensor, config: Config) -> tf.Tensor:
+    return view(image, (), config)
+
+
+# ---------------------------------------------------------------- batched blur
+def blur_radius(image_size: int) -> int:
+    """Kernel side 10 % of the image side, made odd as the authors do: radius (S // 10) // 2."""
+    return (image_size // 10) // 2
+
+
+def _sample_blur(batch: tf.Tensor, seed: Seed) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per image: whether to blur (p = 0.5) and sigma ~ U(0.1, 2.0)."""
+    coin_seed, sigma_seed = _split(seed, 2)
+    return _uniform(coin_seed, [batch]) < BLUR_P, _uniform(sigma_seed, [batch], *BLUR_SIGMA)
+
+
+def gaussian_blur(images: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor:
+    """Separable Gaussian blur of [b, H, W, C] images, one sigma per image, reflect-padded (the
+    original zero-pads, which darkens the border). The batch is folded into the channels so one
+    depthwise convolution applies every image's own kernel."""
+    if radius < 1:
+        return images
+    b, h, w, c = (tf.shape(images)[i] for i in range(4))
+    x = tf.cast(tf.range(-radius, radius + 1), tf.float32)
+    kernel = tf.exp(-tf.square(x)[None, :] / (2.0 * tf.square(sigma)[:, None]))  # [b, k]
+    kernel = tf.repeat(kernel / tf.reduce_sum(kernel, axis=1, keepdims=True), c, axis=0)
+    k = 2 * radius + 1
+    folded = tf.reshape(tf.transpose(images, [1, 2, 0, 3]), [1, h, w, b * c])
+    folded = tf.pad(folded, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode='REFLECT')
+    horizontal = tf.reshape(tf.transpose(kernel), [1, k, b * c, 1])
+    vertical = tf.reshape(tf.transpose(kernel), [k, 1, b * c, 1])
+    folded = tf.nn.depthwise_conv2d(folded, horizontal, [1, 1, 1, 1], 'VALID')
+    folded = tf.nn.depthwise_conv2d(folded, vertical, [1, 1, 1, 1], 'VALID')
+    return tf.transpose(tf.reshape(folded, [h, w, b, c]), [2, 0, 1, 3])
+
+
+def batch_random_blur(views: list[tf.Tensor], config: Config, seed: Optional[Seed] = None
+                      ) -> list[tf.Tensor]:
+    """Blurs each image of each [b, S, S, 3] view with p = 0.5, sigma ~ U(0.1, 2), when 'blur'
+    is in the list and use_blur is on. Under a distribution strategy give each replica its own
+    seed."""
+    if 'blur' not in config.augmentation_list or not config.use_blur:
+        return views
+    radius = blur_radius(config.image_size)
+    out = []
+    for images, view_seed in zip(views, _split(_seed(seed), len(views))):
+        apply, sigma = _sample_blur(tf.shape(images)[0], view_seed)
+        blurred = gaussian_blur(images, sigma, radius)
+        out.append(tf.clip_by_value(_select(apply, blurred, images), 0.0, 1.0))
+    return out
+
+
+# ---------------------------------------------------------------- the picture
+def _main(argv: Optional[list[str]] = None) -> None:
+    """Renders augmented pairs as a PNG grid: each cell is source | view 1 | view 2."""
+    import argparse
+
+    import numpy as np
+    from PIL import Image
+
+    from simclr_tf import data  # a leaf command; the library direction is data -> augment
+
+    parser = argparse.ArgumentParser(prog='python -m simclr_tf.augment', description=_main.__doc__)
+    parser.add_argument('--dataset', required=True, help='TFDS name or <split>/<class>/<image> dir')
+    parser.add_argument('--data_dir', default=None)
+    parser.add_argument('--split', default='train')
+    parser.add_argument('--out', default='views.png')
+    parser.add_argument('--n', type=int, default=12, help='number of source images')
+    parser.add_argument('--columns', type=int, default=3, help='pairs per row of the grid')
+    parser.add_argument('--image_size', type=int, default=32)
+    parser.add_argument('--scale', type=int, default=3, help='pixel magnification in the PNG')
+    parser.add_argument('--color_jitter_strength', type=float, default=0.5)
+    parser.add_argument('--augmentations', default=Config.augmentations)
+    parser.add_argument('--use_blur', type=lambda s: s.lower() in ('1', 'true', 'yes'),
+                        default=True)
+    parser.add_argument('--brightness', default='multiplicative')
+    parser.add_argument('--seed', type=int, default=0)
+    args = parser.parse_args(argv)
+    config = Config(dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
+                    color_jitter_strength=args.color_jitter_strength, use_blur=args.use_blur,
+                    augmentations=args.augmentations, brightness=args.brightness,
+                    seed=args.seed, train_split=args.split, use_tpu=False).validate()
+
+    # Spread the picks over the split rather than taking the first files.
+    total = data.dataset_info(config, need_eval=False).num_train_examples
+    picks = data.examples(config, args.split).shard(max(total // args.n, 1), 0).take(args.n)
+    sources = [image for image, _ in picks]
+    seeds = tf.random.experimental.stateless_split(tf.constant([args.seed, 0], tf.int64),
+                                                   2 * len(sources) + 1)
+    views = [tf.stack([preprocess_for_pretrain(x, config, seeds[2 * i + v])
+                       for i, x in enumerate(sources)]) for v in (0, 1)]
+    views = batch_random_blur(views, config, seeds[-1])
+    cells = []
+    for i, source in enumerate(sources):
+        row = [preprocess_for_eval(source, config), views[0][i], views[1][i]]
+        cells.append(np.concatenate([np.pad(r.numpy(), [[1, 1], [1, 1], [0, 0]], constant_values=1)
+                                     for r in row], axis=1))
+    cells += [np.ones_like(cells[0])] * (-len(cells) % args.columns)
+    gap = np.ones_like(cells[0][:, :4])
+    rows = [np.concatenate(sum(([c, gap] for c in cells[r:r + args.columns]), [])[:-1], axis=1)
+            for r in range(0, len(cells), args.columns)]
+    grid = np.concatenate(sum(([r, np.ones_like(r[:4])] for r in rows), [])[:-1], axis=0)
+    grid = np.kron(grid, np.ones([args.scale, args.scale, 1]))
+    Image.fromarray(np.round(grid * 255).astype(np.uint8)).save(args.out, optimize=True)
+    print(f'wrote {args.out}: {len(sources)} images, each source | view 1 | view 2; '
+          f'augmentations={config.augmentations} use_blur={config.use_blur} '
+          f'color_jitter_strength={config.color_jitter_strength} seed={config.seed}')
+
+
+if __name__ == '__main__':
+    _main()

@@ -1,0 +1,399 @@
+"""Input pipelines: a TFDS builder or an image folder -> per-replica batches of (images, labels).
+
+Images are float32 in [0, 1]; in pretraining the two views of each image are concatenated on the
+channel axis ([b, S, S, 6]), as the authors do; labels are one-hot. Blur is applied by the
+training loop on whole batches (`augment.batch_random_blur`).
+
+Reproducibility: the training stream is a function of (config.seed, element index). Each epoch
+is shuffled with a seed derived from (seed, input pipeline, epoch) and each element's views are
+drawn with stateless ops seeded by (seed, input pipeline, element index), so a run resumed at
+`start_step` yields exactly the batches an uninterrupted run would (only the current epoch is
+skipped through, never the ones before it).
+
+Image folders (`<root>/<split>/<class>/<image>`, the `tfds.ImageFolder` layout and class order)
+are listed here rather than read through `tfds.ImageFolder`: its decoding stops the run at the
+first corrupt file, whereas here unreadable files are found when the split is listed, logged
+with their path, counted and left out, so the example counts used for epochs and resumption are
+exact. A split's files are put in one fixed pseudo-random order, so slices such as
+`train[:10%]` take a sample of every class.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import os
+import random
+import re
+from typing import Callable, Optional
+
+import PIL.Image
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from simclr_tf import augment
+from simclr_tf.config import Config
+
+AUTOTUNE = tf.data.AUTOTUNE
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
+_GRAPH_SEED = 87654321  # TF's graph seed when none is set
+_EPOCHS = 2**62
+_SIZE_SAMPLE = 32  # images whose headers are read to see whether a folder has one image size  # "repeat forever", as a range the epochs are numbered from
+
+
+class DataError(ValueError):
+    """The dataset, directory, split or file cannot be used; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    num_train_examples: int  # of config.train_split
+    num_eval_examples: Optional[int]  # of config.eval_split; None when not asked for
+    class_names: Optional[tuple[str, ...]]
+
+
+# ---------------------------------------------------------------- image folders
+def _unreadable(path: str) -> Optional[str]:
+    """Why the file cannot be an image, from its signature and ending; None if it looks whole.
+    Cheap (two small reads), so a 60k-file split is checked in about a second."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(16)
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(size - 1024, 0))
+            tail = f.read()
+    except OSError as e:
+        return f'cannot be read ({e.strerror})'
+    if not size:
+        return 'empty file'
+    if head.startswith(b'\xff\xd8\xff'):
+        return None if b'\xff\xd9' in tail else 'truncated JPEG (no end-of-image marker)'
+    if head.startswith(b'\x89PNG\r\n\x1a\n'):
+        return None if b'IEND' in tail else 'truncated PNG (no IEND chunk)'
+    if head.startswith((b'GIF87a', b'GIF89a')):
+        return None if b';' in tail else 'truncated GIF'
+    if head.startswith(b'BM') and len(head) >= 6:
+        return None if size >= int.from_bytes(head[2:6], 'little') else 'truncated BMP'
+    return 'not a JPEG, PNG, GIF or BMP image'
+
+
+_SPLIT_PART = re.compile(r'^(?P<name>[\w.-]+)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$')
+
+
+def _parse_split(spec: str, available: list[str], where: str
+                 ) -> list[tuple[str, Optional[str], Optional[str]]]:
+    """'train[:10%]+test' -> [('train', None, '10%'), ('test', None, None)] (TFDS syntax)."""
+    parts = []
+    for part in spec.split('+'):
+        match = _SPLIT_PART.match(part.strip())
+        if not match:
+            raise DataError(f'split {spec!r} of {where}: cannot parse {part!r}; use e.g. '
+                            "'train', 'train[:10%]', 'train[100:200]'")
+        if match['name'] not in available:
+            raise DataError(f'split {match["name"]!r} not found in {where}; it has: '
+                            f'{", ".join(sorted(available)) or "no splits"}')
+        parts.append((match['name'], match['start'], match['stop']))
+    return parts
+
+
+def _bound(text: Optional[str], n: int, default: int) -> int:
+    """A slice bound ('10', '-10', '10%') as an index into n examples, TFDS's rounding."""
+    if text is None:
+        return default
+    value = round(n * int(text[:-1]) / 100) if text.endswith('%') else int(text)
+    return min(max(value + n if value < 0 else value, 0), n)
+
+
+class _FolderSource:
+    """<root>/<split>/<class>/<image>; labels are indices into the sorted union of classes."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.splits = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        if not self.splits:
+            raise DataError(f'no images in {root}: expected split folders laid out '
+                            f'{root}/<split>/<class>/<image>')
+        self.class_names = tuple(sorted({e.name for s in self.splits
+                                         for e in os.scandir(os.path.join(root, s))
+                                         if e.is_dir()}))
+        self.num_classes = len(self.class_names)
+        self.description = f'image folder {root}'
+        self._listed: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {}
+
+    def _files(self, split: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """The split's readable images and labels in a fixed pseudo-random order (listed and
+        checked once per process)."""
+        if split not in self._listed:
+            self._listed[split] = self._list(split)
+        return self._listed[split]
+
+    def _list(self, split: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        split_dir = os.path.join(self.root, split)
+        files, skipped = [], []
+        for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
+            if not entry.is_dir():
+                if not entry.name.startswith('.'):
+                    skipped.append((entry.path, 'not inside a class folder'))
+                continue
+            names = sorted(f.name for f in os.scandir(entry.path)
+                           if f.is_file() and not f.name.startswith('.'))
+            images = [os.path.join(entry.path, f) for f in names
+                      if f.lower().endswith(IMAGE_EXTENSIONS)]
+            skipped += [(os.path.join(entry.path, f), 'not an image file name '
+                         f'({", ".join(IMAGE_EXTENSIONS)})')
+                        for f in names if not f.lower().endswith(IMAGE_EXTENSIONS)]
+            if not images:
+                raise DataError(f'class folder {entry.path} has no images')
+            files.append((entry.name, images))
+        if not files:
+            raise DataError(f'no images in {split_dir}: expected {split_dir}/<class>/<image>')
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            reasons = list(pool.map(_unreadable, [p for _, images in files for p in images]))
+        paths, labels, reasons = [], [], iter(reasons)
+        for class_name, images in files:
+            readable = 0
+            for path in images:
+                reason = next(reasons)
+                if reason:
+                    skipped.append((path, reason))
+                else:
+                    paths.append(path)
+                    labels.append(self.class_names.index(class_name))
+                    readable += 1
+            if not readable:
+                raise DataError(f'class folder {os.path.join(split_dir, class_name)} has no '
+                                f'readable images ({len(images)} unreadable files)')
+        for path, reason in skipped:
+            logging.warning('skipping %s: %s', path, reason)
+        if skipped:
+            logging.warning('skipped %d unreadable or non-image files in %s; using %d images',
+                            len(skipped), split_dir, len(paths))
+        order = list(range(len(paths)))
+        random.Random(0).shuffle(order)
+        return tuple(paths[i] for i in order), tuple(labels[i] for i in order)
+
+    def _select(self, split: str) -> tuple[list[str], list[int]]:
+        paths, labels = [], []
+        for name, start, stop in _parse_split(split, self.splits, self.description):
+            split_paths, split_labels = self._files(name)
+            n = len(split_paths)
+            paths += split_paths[_bound(start, n, 0):_bound(stop, n, n)]
+            labels += split_labels[_bound(start, n, 0):_bound(stop, n, n)]
+        return paths, labels
+
+    def num_examples(self, split: str) -> int:
+        return len(self._select(split)[0])
+
+    def read(self, split: str, num_shards: int, index: int) -> tuple[tf.data.Dataset, int]:
+        paths, labels = self._select(split)
+        paths, labels = paths[index::num_shards], labels[index::num_shards]
+        return tf.data.Dataset.from_tensor_slices((paths, labels)), len(paths)
+
+    def common_size(self, split: str) -> Optional[tuple[int, int]]:
+        """(height, width) when a sample of the split's images (headers only) all agree."""
+        paths = self._select(split)[0]
+        sizes = set()
+        for path in paths[::max(len(paths) // _SIZE_SAMPLE, 1)][:_SIZE_SAMPLE]:
+            try:
+                with PIL.Image.open(path) as image:
+                    sizes.add(image.size[::-1])
+            except (OSError, ValueError):
+                return None
+        return sizes.pop() if len(sizes) == 1 else None
+
+    @staticmethod
+    def decode(path: tf.Tensor) -> tf.Tensor:
+        # decode_image reads the format from the bytes, makes grey and RGBA files RGB.
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        return tf.ensure_shape(image, [None, None, 3])
+
+
+# ---------------------------------------------------------------- TFDS
+class _TfdsSource:
+    def __init__(self, name: str, data_dir: Optional[str]):
+        try:
+            self.builder = tfds.builder(name, data_dir=data_dir)
+        except tfds.core.registered.DatasetNotFoundError as e:
+            raise DataError(f'dataset {name!r} is neither a directory nor a TFDS dataset '
+                            f'({str(e).splitlines()[0]})') from None
+        self.description = f'TFDS dataset {name!r} (data_dir {self.builder.data_dir})'
+        if not self.builder.is_prepared():
+            raise DataError(f'TFDS dataset {name!r} is not prepared: nothing found in '
+                            f'{self.builder.data_dir}. Without network access it cannot be '
+                            'downloaded; prepare it elsewhere (tfds build) and pass its --data_dir')
+        info = self.builder.info
+        if not info.supervised_keys:
+            raise DataError(f'{self.description} has no (image, label) supervised keys')
+        self.image_key, self.label_key = info.supervised_keys[:2]
+        labels = info.features[self.label_key]
+        self.num_classes = labels.num_classes
+        self.class_names = tuple(labels.names) if labels.names else None
+        self._image_feature = info.features[self.image_key]
+
+    def num_examples(self, split: str) -> int:
+        try:
+            return self.builder.info.splits[split].num_examples
+        except (KeyError, ValueError) as e:
+            raise DataError(f'split {split!r} not usable in {self.description}: {e}; it has: '
+                            f'{", ".join(sorted(self.builder.info.splits))}') from None
+
+    def read(self, split: str, num_shards: int, index: int) -> tuple[tf.data.Dataset, int]:
+        if num_shards > 1:  # exact even example ranges, so each pipeline knows its epoch length
+            split = tfds.even_splits(split, n=num_shards)[index]
+        dataset = self.builder.as_dataset(
+            split=split, as_supervised=True, shuffle_files=False,  # order comes from our shuffle
+            decoders={self.image_key: tfds.decode.SkipDecoding()},
+            read_config=tfds.ReadConfig(try_autocache=False))
+        return dataset, self.num_examples(split)
+
+    def common_size(self, split: str) -> Optional[tuple[int, int]]:
+        height, width = self._image_feature.shape[:2]
+        return (height, width) if height and width else None
+
+    def decode(self, encoded: tf.Tensor) -> tf.Tensor:
+        image = self._image_feature.decode_example(encoded)
+        channels = image.shape[-1]
+        if channels == 1:
+            image = tf.image.grayscale_to_rgb(image)
+        elif channels == 4:
+            image = image[..., :3]
+        return tf.ensure_shape(image, [None, None, 3])
+
+
+@functools.lru_cache(maxsize=16)
+def _source(dataset: str, data_dir: Optional[str]):
+    if os.path.isdir(dataset):
+        return _FolderSource(dataset)
+    parent = os.path.dirname(dataset.rstrip('/'))
+    if dataset.startswith(('/', '.', '~')) or (parent and os.path.isdir(parent)):
+        raise DataError(f'dataset directory {dataset} does not exist')
+    return _TfdsSource(dataset, data_dir)
+
+
+# ---------------------------------------------------------------- public API
+def dataset_info(config: Config, need_eval: bool = True) -> DatasetInfo:
+    """Checks the source and the splits (before any model is built) and sizes them."""
+    source = _source(config.dataset, config.data_dir)
+    return DatasetInfo(
+        num_classes=source.num_classes,
+        num_train_examples=source.num_examples(config.train_split),
+        num_eval_examples=source.num_examples(config.eval_split) if need_eval else None,
+        class_names=source.class_names)
+
+
+def examples(config: Config, split: str) -> tf.data.Dataset:
+    """The split's decoded examples (uint8 [h, w, 3] image, int label), unshuffled."""
+    source = _source(config.dataset, config.data_dir)
+    dataset, _ = source.read(split, 1, 0)
+    return dataset.map(lambda x, y: (source.decode(x), y), num_parallel_calls=AUTOTUNE)
+
+
+def build_dataset(config: Config, is_training: bool,
+                  input_context: Optional[tf.distribute.InputContext] = None,
+                  start_step: int = 0) -> tf.data.Dataset:
+    """Per-replica batches of (images [b, S, S, 3V] float32 in [0, 1], one-hot labels).
+
+    Where the source's images share one size (CIFAR, most TFDS image sets) they are batched
+    as they are and every augmentation runs on whole batches. Otherwise each image is cropped
+    (the ops up to 'crop' in the list) on its own, and the rest runs on batches.
+    """
+    source = _source(config.dataset, config.data_dir)
+    split = config.train_split if is_training else config.eval_split
+    global_batch = config.train_batch_size if is_training else config.eval_batch_size
+    if input_context is None:
+        batch, pipelines, pipeline, replicas = global_batch, 1, 0, 1
+    else:
+        batch = input_context.get_per_replica_batch_size(global_batch)
+        pipelines = input_context.num_input_pipelines
+        pipeline = input_context.input_pipeline_id
+        replicas = input_context.num_replicas_in_sync
+    items, n = source.read(split, pipelines, pipeline)
+    if not n:
+        raise DataError(f'split {split!r} of {source.description} has no examples for input '
+                        f'pipeline {pipeline} of {pipelines}')
+    size = source.common_size(split)
+
+    def decode(x: tf.Tensor) -> tf.Tensor:
+        image = source.decode(x)
+        if size is None:
+            return image
+        # A stray odd-sized image in a folder of one size is resized to that size.
+        return tf.cond(tf.reduce_all(tf.shape(image)[:2] == size), lambda: image,
+                       lambda: tf.cast(tf.clip_by_value(tf.round(
+                           tf.image.resize(image, size, 'bicubic')), 0, 255), tf.uint8))
+
+    decoded = False
+    if config.cache_dataset:  # the decoded images, as the original caches TFDS's output
+        items = items.map(lambda x, y: (decode(x), y), num_parallel_calls=AUTOTUNE).cache()
+        decoded = True
+
+    if is_training:
+        names = (augment.pretrain_ops(config) if config.train_mode == 'pretrain'
+                 else augment.FINETUNE_OPS)
+        num_views = 2 if config.train_mode == 'pretrain' else 1
+    else:
+        names, num_views = (), 1
+    # Ops done image by image: none if images share a size, else those up to the crop.
+    head = () if size is not None else names[:names.index('crop') + 1 if 'crop' in names else 0]
+    tail = names[len(head):]
+    seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
+    # Independent streams of seeds for: the epochs' shuffles, per-image ops, per-batch ops.
+    epoch_key, element_key, batch_key = (tf.constant([seed, 3 * pipeline + i], tf.int64)
+                                         for i in range(3))
+
+    def per_image(index, item):
+        x, label = item
+        image = x if decoded else decode(x)
+        if size is None:
+            seeds = tf.random.experimental.stateless_split(
+                tf.random.experimental.stateless_fold_in(element_key, index), num_views)
+            image = tf.concat([augment.view(image, head, config, seeds[v])
+                               for v in range(num_views)], axis=-1)
+        return index, (image, label)
+
+    def per_batch(index, item):
+        images, labels = item
+        seeds = tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in(batch_key, index[0]), num_views)
+        if size is not None:  # whole views
+            views = [augment.view(images, names, config, seeds[v], jit=True)
+                     for v in range(num_views)]
+        else:  # the rest of each view
+            views = [augment.view(images[..., 3 * v:3 * v + 3], tail, config, seeds[v],
+                                  fit=False, jit=True) for v in range(num_views)]
+        return tf.concat(views, axis=-1), tf.one_hot(labels, source.num_classes)
+
+    if not is_training:
+        dataset = items.enumerate()
+    else:
+        # One global step takes a per-replica batch for each replica this pipeline feeds.
+        start = start_step * batch * max(replicas // pipelines, 1)
+        first_epoch, offset = divmod(start, n)
+        buffer = (50 if config.image_size <= 32 else 10) * batch
+
+        def epoch(e: tf.Tensor) -> tf.data.Dataset:
+            # shuffle() pairs its seed with the graph-level seed, which inside this traced
+            # function is TF's global seed; pinning it (in this function's graph only) to TF's
+            # default makes the order a function of config.seed alone.
+            assert not tf.executing_eagerly()
+            tf.compat.v1.set_random_seed(_GRAPH_SEED)
+            return items.shuffle(buffer,
+                                 seed=tf.random.experimental.stateless_fold_in(epoch_key, e)[0])
+
+        dataset = (tf.data.Dataset.range(first_epoch, _EPOCHS).flat_map(epoch)
+                   .skip(offset).enumerate(start))
+    if not (decoded and size is not None):
+        dataset = dataset.map(per_image, num_parallel_calls=AUTOTUNE)
+    dataset = dataset.batch(batch, drop_remainder=is_training)
+    return dataset.map(per_batch, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+
+def build_distributed_dataset(strategy: tf.distribute.Strategy, config: Config,
+                              is_training: bool, start_step: int = 0):
+    """A distributed dataset of per-replica batches, one input pipeline per worker."""
+    return strategy.distribute_datasets_from_function(
+        lambda context: build_dataset(config, is_training, context, start_step))
