@@ -50,8 +50,9 @@ def main() -> None:
     parser.add_argument('--data', default=SAMPLE, help='image folder with train/ and test/')
     parser.add_argument('--epochs', type=int, default=2)
     parser.add_argument('--batch_size', type=int, default=64)
-    parser.add_argument('--learning_rate', type=float, default=0.05)
+    parser.add_argument('--learning_rate', type=float, default=0.01)
     args = parser.parse_args()
+    tf_keras.utils.set_random_seed(0)
     start = time.time()
 
     size = image_size(args.export, default=32)

@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument('--epochs', type=int, default=100)
     parser.add_argument('--learning_rate', type=float, default=0.01)
     args = parser.parse_args()
+    keras.utils.set_random_seed(0)
     start = time.time()
 
     size = image_size(args.export, default=32)
