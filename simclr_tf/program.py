@@ -86,22 +86,35 @@ def restore_for_inference(config: Config, strategy: tf.distribute.Strategy,
     with strategy.scope():
         model = build_model(config, info.num_classes)
     tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
-    match = re.search(r'-(\d+)$', path)
-    return model, int(match.group(1)) if match else 0
+    return model, _step_of(path)
 
 
 def continuous_eval(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetInfo,
                     flags: Optional[dict[str, Any]] = None) -> Optional[dict[str, float]]:
-    """Evaluates each new checkpoint in model_dir until the one of the last training step."""
+    """Evaluates every kept checkpoint not yet evaluated, then each new one, until the last step."""
     from simclr_tf import optim
     last_step = optim.train_steps(config, info.num_train_examples)
     result = None
-    for path in tf.train.checkpoints_iterator(config.model_dir, min_interval_secs=1,
-                                              timeout=config.eval_timeout or None):
-        model, step = restore_for_inference(config, strategy, info, path)
-        result = evaluate.evaluate(config, strategy, model, info, step)
-        evaluate.write_results(config, result, flags)
-        export_model(config, model, step)
-        if step >= last_step:
-            break
+    for _ in tf.train.checkpoints_iterator(config.model_dir, min_interval_secs=1,
+                                           timeout=config.eval_timeout or None):
+        for path in _unevaluated(config.model_dir):
+            model, step = restore_for_inference(config, strategy, info, path)
+            result = evaluate.evaluate(config, strategy, model, info, step)
+            evaluate.write_results(config, result, flags)
+            export_model(config, model, step)
+            if step >= last_step:
+                return result
     return result
+
+
+def _unevaluated(model_dir: str) -> list[str]:
+    """Checkpoints of model_dir, oldest first, that have no result_<step>.json yet."""
+    state = tf.train.get_checkpoint_state(model_dir)
+    paths = list(state.all_model_checkpoint_paths) if state else []
+    return [p for p in paths if not tf.io.gfile.exists(
+        os.path.join(model_dir, f'result_{_step_of(p)}.json'))]
+
+
+def _step_of(path: str) -> int:
+    match = re.search(r'-(\d+)$', path)
+    return int(match.group(1)) if match else 0
