@@ -232,10 +232,14 @@ def cutout(images: tf.Tensor, seed: Seed) -> tf.Tensor:
     """Blacks out a square of half the shorter side, centred anywhere (clipped at the border)."""
     shape = tf.shape(images)
     h, w = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
-    half = tf.floor(CUTOUT_SIDE * tf.minimum(h, w)) / 2
+    half = tf.floor(CUTOUT_SIDE * tf.minimum(h, w) / 2)
     centre = tf.floor(_uniform(seed, [2, shape[0], 1]) * tf.stack([h, w])[:, None, None])
-    rows = tf.abs(tf.range(h)[None] - centre[0]) < half  # [b, H]
-    cols = tf.abs(tf.range(w)[None] - centre[1]) < half  # [b, W]
+
+    def inside(n, c):  # [b, n]: in [c - half, c + half)
+        offset = tf.range(n)[None] - c
+        return (offset >= -half) & (offset < half)
+
+    rows, cols = inside(h, centre[0]), inside(w, centre[1])
     inside = rows[:, :, None, None] & cols[:, None, :, None]
     return tf.where(inside, 0.0, images)
 
@@ -304,7 +308,7 @@ def _run(images: tf.Tensor, names: tuple[str, ...], size: int, seeds: tf.Tensor,
     """to float, fit to size x size if asked, then the named (non-colour) ops, clipping each."""
     images = to_float(images)
     if fit:
-        images = center_crop_resize(images, size)
+        images = tf.clip_by_value(center_crop_resize(images, size), 0.0, 1.0)
     for name, seed in zip(names, tf.unstack(seeds, num=len(names))):
         images = tf.clip_by_value(_OPS[name](images, size, seed), 0.0, 1.0)
     return images
@@ -319,6 +323,7 @@ def view(images: tf.Tensor, names: Sequence[str], config: Config, seed: Optional
     Each op draws from the seed of its name, not of its place, so adding an op leaves the
     others' draws unchanged. jit=True compiles the ops with XLA (the input pipeline does);
     compiled ops draw other numbers than plain ones from the same seed."""
+    images = tf.convert_to_tensor(images)
     single = images.shape.rank == 3
     images = images[None] if single else images
     seeds = dict(zip(config_lib.AUGMENTATIONS, _split(_seed(seed), len(config_lib.AUGMENTATIONS))))

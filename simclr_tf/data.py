@@ -26,7 +26,7 @@ import functools
 import os
 import random
 import re
-from typing import Callable, Optional
+from typing import Optional
 
 import PIL.Image
 import tensorflow as tf
@@ -39,8 +39,8 @@ from simclr_tf.config import Config
 AUTOTUNE = tf.data.AUTOTUNE
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
 _GRAPH_SEED = 87654321  # TF's graph seed when none is set
-_EPOCHS = 2**62
-_SIZE_SAMPLE = 32  # images whose headers are read to see whether a folder has one image size  # "repeat forever", as a range the epochs are numbered from
+_EPOCHS = 2**62  # "repeat forever", as a range the epochs are numbered from
+_SIZE_SAMPLE = 32  # images whose headers are read to see whether a folder has one image size
 
 
 class DataError(ValueError):

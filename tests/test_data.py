@@ -1,0 +1,225 @@
+"""Input pipelines: shapes, splits, seeded and resumable streams, replicas, bad input."""
+
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from simclr_tf import data
+from simclr_tf.config import Config
+
+B = 8  # per-replica batch everywhere: the compiled augmentations are built once per shape
+
+
+@pytest.fixture(scope='module')
+def config(sample_dir) -> Config:
+    return Config(dataset=sample_dir, train_split='train', eval_split='test', image_size=32,
+                  train_batch_size=B, eval_batch_size=B, seed=3, use_tpu=False)
+
+
+def batches(dataset: tf.data.Dataset, n: int) -> list[np.ndarray]:
+    return [images.numpy() for images, _ in dataset.take(n)]
+
+
+def test_dataset_info_and_split_slicing(config):
+    info = data.dataset_info(config)
+    assert info == data.DatasetInfo(10, 1000, 200, ('airplane', 'automobile', 'bird', 'cat',
+                                                    'deer', 'dog', 'frog', 'horse', 'ship',
+                                                    'truck'))
+    for split, n in (('train[:10%]', 100), ('train[10:20]', 10), ('train[-5%:]', 50),
+                     ('train[:1%]+test[:1%]', 12)):
+        assert data.dataset_info(config.replace(train_split=split), need_eval=False
+                                 ).num_train_examples == n
+    # A slice samples every class, not the first files of the first class.
+    labels = [int(y) for _, y in data.examples(config, 'train[:5%]')]
+    assert len(set(labels)) == 10
+
+
+def test_pretraining_batches(config):
+    images, labels = next(iter(data.build_dataset(config.replace(cache_dataset=True), True)))
+    assert images.shape == (B, 32, 32, 6) and images.dtype == tf.float32
+    assert 0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 1
+    assert labels.shape == (B, 10) and labels.dtype == tf.float32
+    np.testing.assert_array_equal(tf.reduce_sum(labels, 1), 1)
+    first, second = np.split(images.numpy(), 2, axis=-1)
+    assert np.abs(first - second).mean(axis=(1, 2, 3)).min() > 0.01  # two different views
+
+
+def test_finetune_and_eval_batches(config):
+    images, _ = next(iter(data.build_dataset(config.replace(train_mode='finetune'), True)))
+    assert images.shape == (B, 32, 32, 3)
+    evaluation = data.build_dataset(config.replace(eval_batch_size=48), False)
+    sizes = [int(images.shape[0]) for images, _ in evaluation]
+    assert sizes == [48] * 4 + [8]  # one pass, last batch kept
+    first = next(iter(evaluation))[0].numpy()
+    np.testing.assert_array_equal(first, next(iter(evaluation))[0].numpy())  # no shuffling
+    image = next(iter(data.examples(config, 'test')))[0]
+    np.testing.assert_allclose(first[0], image.numpy() / 255, atol=1e-6)  # CIFAR: as is
+
+
+def test_a_seed_fixes_the_stream_and_a_resumed_stream_continues_it(config):
+    small = config.replace(train_split='train[:10%]')  # 100 images: an epoch is 12.5 batches
+    stream = batches(data.build_dataset(small, True), 16)
+    tf.random.set_seed(1234)  # TF's global seed plays no part
+    resumed = batches(data.build_dataset(small, True, start_step=13), 3)
+    for k in range(3):  # across the first epoch boundary
+        np.testing.assert_array_equal(resumed[k], stream[13 + k])
+    other = batches(data.build_dataset(small.replace(seed=4), True), 1)
+    assert not np.allclose(other[0], stream[0])
+
+
+def test_two_replicas_partition_the_global_batch(config, two_replicas):
+    global_batch = config.replace(train_batch_size=2 * B, eval_batch_size=2 * B)
+    context = tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0,
+                                         num_replicas_in_sync=2)
+    for training in (True, False):
+        single = batches(data.build_dataset(global_batch, training, context), 4)
+        distributed = data.build_distributed_dataset(two_replicas, global_batch, training)
+        iterator = iter(distributed)
+        for step in range(2):
+            images, _ = next(iterator)
+            rows = [two_replicas.experimental_local_results(images)[r].numpy() for r in (0, 1)]
+            assert rows[0].shape[0] == rows[1].shape[0] == B
+            # Replica r's batch is the pipeline's batch 2 step + r: together, the global batch.
+            np.testing.assert_array_equal(np.concatenate(rows),
+                                          np.concatenate(single[2 * step:2 * step + 2]))
+            flat = np.concatenate(rows).reshape(2 * B, -1)
+            assert len(np.unique(flat, axis=0)) == 2 * B  # no image twice
+    # Resuming with two replicas skips two per-replica batches per step.
+    resumed = data.build_distributed_dataset(two_replicas, global_batch, True, start_step=1)
+    images, _ = next(iter(resumed))
+    np.testing.assert_array_equal(two_replicas.experimental_local_results(images)[0].numpy(),
+                                  batches(data.build_dataset(global_batch, True, context), 3)[2])
+
+
+# ---------------------------------------------------------------- bad input
+def _folder(root, split='train', classes=('a', 'b'), per_class=3, source=None) -> str:
+    for c in classes:
+        os.makedirs(os.path.join(root, split, c), exist_ok=True)
+        for i in range(per_class):
+            shutil.copy(source, os.path.join(root, split, c, f'{i}.jpg'))
+    return str(root)
+
+
+@pytest.fixture()
+def jpeg(sample_dir) -> str:
+    return os.path.join(sample_dir, 'train', 'cat', '0000.jpg')
+
+
+def test_missing_directory_and_split(config, tmp_path, jpeg):
+    with pytest.raises(data.DataError, match=r'directory .*no_such_dir does not exist'):
+        data.dataset_info(config.replace(dataset=str(tmp_path / 'no_such_dir')))
+    root = _folder(tmp_path / 'ds', source=jpeg)
+    with pytest.raises(data.DataError, match=r"split 'test' not found in image folder .*ds; "
+                                             r'it has: train'):
+        data.dataset_info(config.replace(dataset=root))
+    assert data.dataset_info(config.replace(dataset=root), need_eval=False).num_eval_examples \
+        is None
+    with pytest.raises(data.DataError, match='cannot parse'):
+        data.dataset_info(config.replace(dataset=root, train_split='train[::2]'), False)
+
+
+def test_empty_class_folder_and_no_images(config, tmp_path, jpeg):
+    root = _folder(tmp_path / 'ds', source=jpeg)
+    os.makedirs(tmp_path / 'ds' / 'train' / 'c')
+    with pytest.raises(data.DataError, match=r'class folder .*train/c has no images'):
+        data.dataset_info(config.replace(dataset=root), need_eval=False)
+    os.makedirs(tmp_path / 'empty' / 'train')
+    with pytest.raises(data.DataError, match=r'no images in .*empty/train'):
+        data.dataset_info(config.replace(dataset=str(tmp_path / 'empty')), need_eval=False)
+    os.makedirs(tmp_path / 'bare')
+    with pytest.raises(data.DataError, match=r'no images in .*bare: expected split folders'):
+        data.dataset_info(config.replace(dataset=str(tmp_path / 'bare')), need_eval=False)
+
+
+def test_corrupt_and_non_image_files_are_skipped_counted_and_logged(config, tmp_path, jpeg,
+                                                                      caplog):
+    root = _folder(tmp_path / 'ds', source=jpeg)
+    bad = {tmp_path / 'ds' / 'train' / 'a' / 'text.jpg': b'not an image',
+           tmp_path / 'ds' / 'train' / 'a' / 'cut.jpg': open(jpeg, 'rb').read()[:300],
+           tmp_path / 'ds' / 'train' / 'b' / 'empty.png': b'',
+           tmp_path / 'ds' / 'train' / 'b' / 'notes.txt': b'hello'}
+    for path, content in bad.items():
+        path.write_bytes(content)
+    with caplog.at_level(logging.WARNING):
+        info = data.dataset_info(config.replace(dataset=root), need_eval=False)
+    assert info.num_train_examples == 6
+    for path in bad:
+        assert str(path) in caplog.text
+    assert 'skipped 4 unreadable or non-image files' in caplog.text
+    assert 'truncated JPEG' in caplog.text
+    images, _ = next(iter(data.build_dataset(config.replace(dataset=root), True)))
+    assert images.shape == (B, 32, 32, 6)  # the run goes on
+
+
+def test_grey_rgba_and_odd_sizes_are_converted(config, tmp_path, jpeg, monkeypatch):
+    rgb = np.asarray(Image.open(jpeg))
+    root = tmp_path / 'ds'
+    for split in ('train', 'test'):
+        os.makedirs(root / split / 'x')
+        os.makedirs(root / split / 'y')
+        Image.fromarray(rgb).convert('L').save(root / split / 'x' / 'grey.png')
+        Image.fromarray(rgb).convert('RGBA').save(root / split / 'x' / 'rgba.png')
+        Image.fromarray(rgb).resize((45, 27)).save(root / split / 'y' / 'odd.jpg')
+        Image.fromarray(rgb).save(root / split / 'y' / 'rgb.jpg')
+    cfg = config.replace(dataset=str(root), train_batch_size=4, eval_batch_size=4)
+    for training in (True, False):
+        images, _ = next(iter(data.build_dataset(cfg, training)))
+        assert images.shape == (4, 32, 32, 6 if training else 3)
+    grey = next(iter(data.examples(cfg, 'test')))  # decoded as RGB
+    assert grey[0].shape[-1] == 3
+    # A folder taken for one size (from a sample of headers) resizes a stray odd image.
+    monkeypatch.setattr(data, '_SIZE_SAMPLE', 1)
+    data._source.cache_clear()
+    images, _ = next(iter(data.build_dataset(cfg.replace(cache_dataset=True), False)))
+    assert images.shape == (4, 32, 32, 3)
+
+
+def test_tfds_errors(config, tmp_path):
+    with pytest.raises(data.DataError, match=r"TFDS dataset 'cifar10' is not prepared: nothing "
+                                             rf'found in {tmp_path}'):
+        data.dataset_info(config.replace(dataset='cifar10', data_dir=str(tmp_path)))
+    with pytest.raises(data.DataError, match="'no_such_dataset_xyz' is neither a directory nor"):
+        data.dataset_info(config.replace(dataset='no_such_dataset_xyz'))
+
+
+class TinyGreyImages(tfds.core.GeneratorBasedBuilder):
+    """12x12 grey images of 3 classes, made here: a real TFDS dataset without a download."""
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self, features=tfds.features.FeaturesDict({
+                'image': tfds.features.Image(shape=(12, 12, 1)),
+                'label': tfds.features.ClassLabel(names=['p', 'q', 'r'])}),
+            supervised_keys=('image', 'label'))
+
+    def _split_generators(self, dl_manager):
+        return {'train': self._generate_examples(40), 'test': self._generate_examples(10)}
+
+    def _generate_examples(self, n):
+        rng = np.random.default_rng(n)
+        for i in range(n):
+            yield i, {'image': rng.integers(0, 255, (12, 12, 1), np.uint8), 'label': i % 3}
+
+
+def test_a_tfds_dataset(config, tmp_path):
+    TinyGreyImages(data_dir=str(tmp_path)).download_and_prepare()
+    cfg = config.replace(dataset='tiny_grey_images', data_dir=str(tmp_path), train_split='train')
+    assert data.dataset_info(cfg) == data.DatasetInfo(3, 40, 10, ('p', 'q', 'r'))
+    half = data.dataset_info(cfg.replace(train_split='train[:50%]'), need_eval=False)
+    assert half.num_train_examples == 20
+    with pytest.raises(data.DataError, match=r"split 'validation' not usable .* it has: test, "
+                                             'train'):
+        data.dataset_info(cfg.replace(eval_split='validation'))
+    images, labels = next(iter(data.build_dataset(cfg, True)))
+    assert images.shape == (B, 32, 32, 6) and labels.shape == (B, 3)
+    first, second = np.split(images.numpy(), 2, axis=-1)
+    assert np.all(first[..., :1] == first)  # grey source, grey views
+    sizes = [int(x.shape[0]) for x, _ in data.build_dataset(cfg, False)]
+    assert sizes == [8, 2]
