@@ -90,6 +90,7 @@ def test_two_replicas_partition_the_global_batch(config, two_replicas):
                                           np.concatenate(single[2 * step:2 * step + 2]))
             flat = np.concatenate(rows).reshape(2 * B, -1)
             assert len(np.unique(flat, axis=0)) == 2 * B  # no image twice
+    _assert_pipelines_split_the_examples(config, 200)
     # Resuming with two replicas skips two per-replica batches per step.
     resumed = data.build_distributed_dataset(two_replicas, global_batch, True, start_step=1)
     images, _ = next(iter(resumed))
@@ -223,3 +224,15 @@ def test_a_tfds_dataset(config, tmp_path):
     assert np.all(first[..., :1] == first)  # grey source, grey views
     sizes = [int(x.shape[0]) for x, _ in data.build_dataset(cfg, False)]
     assert sizes == [8, 2]
+    _assert_pipelines_split_the_examples(cfg, 10)
+
+
+def _assert_pipelines_split_the_examples(cfg: Config, total: int):
+    """Two input pipelines (workers) read disjoint shards that together make the split."""
+    rows = []
+    for pipeline in (0, 1):
+        context = tf.distribute.InputContext(2, pipeline, 2)
+        rows += [x.numpy().reshape(x.shape[0], -1) for x, _ in
+                 data.build_dataset(cfg.replace(eval_batch_size=2 * B), False, context)]
+    rows = np.concatenate(rows)
+    assert len(rows) == total and len(np.unique(rows, axis=0)) == total
