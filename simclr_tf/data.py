@@ -336,8 +336,11 @@ def build_dataset(config: Config, is_training: bool,
         num_views = 2 if config.train_mode == 'pretrain' else 1
     else:
         names, num_views = (), 1
-    # Ops done image by image: none if images share a size, else those up to the crop.
-    head = () if size is not None else names[:names.index('crop') + 1 if 'crop' in names else 0]
+    # Ops done image by image: none if the images share a size (which a quarter turn before the
+    # crop keeps only if square), else those up to the crop.
+    crop_at = names.index('crop') + 1 if 'crop' in names else 0
+    whole_batches = size is not None and (size[0] == size[1] or 'rotate' not in names[:crop_at])
+    head = () if whole_batches else names[:crop_at]
     tail = names[len(head):]
     seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
     # Independent streams of seeds for: the epochs' shuffles, per-image ops, per-batch ops.
@@ -347,7 +350,7 @@ def build_dataset(config: Config, is_training: bool,
     def per_image(index, item):
         x, label = item
         image = x if decoded else decode(x)
-        if size is None:
+        if not whole_batches:
             seeds = tf.random.experimental.stateless_split(
                 tf.random.experimental.stateless_fold_in(element_key, index), num_views)
             image = tf.concat([augment.view(image, head, config, seeds[v])
@@ -358,7 +361,7 @@ def build_dataset(config: Config, is_training: bool,
         images, labels = item
         seeds = tf.random.experimental.stateless_split(
             tf.random.experimental.stateless_fold_in(batch_key, index[0]), num_views)
-        if size is not None:  # whole views
+        if whole_batches:  # whole views
             views = [augment.view(images, names, config, seeds[v], jit=True)
                      for v in range(num_views)]
         else:  # the rest of each view
@@ -366,29 +369,35 @@ def build_dataset(config: Config, is_training: bool,
                                   fit=False, jit=True) for v in range(num_views)]
         return tf.concat(views, axis=-1), tf.one_hot(labels, source.num_classes)
 
-    if not is_training:
-        dataset = items.enumerate()
-    else:
+    if is_training:
         # One global step takes a per-replica batch for each replica this pipeline feeds.
         start = start_step * batch * max(replicas // pipelines, 1)
-        first_epoch, offset = divmod(start, n)
         buffer = (50 if config.image_size <= 32 else 10) * batch
-
-        def epoch(e: tf.Tensor) -> tf.data.Dataset:
-            # shuffle() pairs its seed with the graph-level seed, which inside this traced
-            # function is TF's global seed; pinning it (in this function's graph only) to TF's
-            # default makes the order a function of config.seed alone.
-            assert not tf.executing_eagerly()
-            tf.compat.v1.set_random_seed(_GRAPH_SEED)
-            return items.shuffle(buffer,
-                                 seed=tf.random.experimental.stateless_fold_in(epoch_key, e)[0])
-
-        dataset = (tf.data.Dataset.range(first_epoch, _EPOCHS).flat_map(epoch)
-                   .skip(offset).enumerate(start))
-    if not (decoded and size is not None):
+        dataset = _shuffled_epochs(items, n, buffer, epoch_key, start)
+    else:
+        dataset = items.enumerate()
+    if not (decoded and whole_batches):
         dataset = dataset.map(per_image, num_parallel_calls=AUTOTUNE)
     dataset = dataset.batch(batch, drop_remainder=is_training)
     return dataset.map(per_batch, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+
+def _shuffled_epochs(items: tf.data.Dataset, n: int, buffer: int, key: tf.Tensor, start: int
+                     ) -> tf.data.Dataset:
+    """(index, item) from element `start` on of endless epochs of n items, each epoch shuffled
+    with its own seed; only the current epoch is read through to get to `start`."""
+    first_epoch, offset = divmod(start, n)
+
+    def epoch(e: tf.Tensor) -> tf.data.Dataset:
+        # shuffle() pairs its seed with the graph-level seed, which inside this traced function
+        # is TF's global seed; pinning it (in this function's graph only) to TF's default makes
+        # the order a function of config.seed alone.
+        assert not tf.executing_eagerly()
+        tf.compat.v1.set_random_seed(_GRAPH_SEED)
+        return items.shuffle(buffer, seed=tf.random.experimental.stateless_fold_in(key, e)[0])
+
+    return (tf.data.Dataset.range(first_epoch, _EPOCHS).flat_map(epoch)
+            .skip(offset).enumerate(start))
 
 
 def build_distributed_dataset(strategy: tf.distribute.Strategy, config: Config,

@@ -236,3 +236,12 @@ def _assert_pipelines_split_the_examples(cfg: Config, total: int):
                  data.build_dataset(cfg.replace(eval_batch_size=2 * B), False, context)]
     rows = np.concatenate(rows)
     assert len(rows) == total and len(np.unique(rows, axis=0)) == total
+
+
+def test_a_quarter_turn_before_the_crop_of_non_square_images(config, tmp_path, jpeg):
+    wide = tmp_path / 'wide.jpg'
+    Image.open(jpeg).resize((40, 24)).save(wide)
+    root = _folder(tmp_path / 'ds', source=wide)
+    cfg = config.replace(dataset=root, train_batch_size=4, augmentations='rotate,crop,color')
+    images, _ = next(iter(data.build_dataset(cfg, True)))
+    assert images.shape == (4, 32, 32, 6)
