@@ -326,7 +326,8 @@ def view(images: tf.Tensor, names: Sequence[str], config: Config, seed: Optional
     images = tf.convert_to_tensor(images)
     single = images.shape.rank == 3
     images = images[None] if single else images
-    seeds = dict(zip(config_lib.AUGMENTATIONS, _split(_seed(seed), len(config_lib.AUGMENTATIONS))))
+    seeds = dict(zip(config_lib.AUGMENTATIONS,
+                     _split(_seed(seed), len(config_lib.AUGMENTATIONS)) if names else ()))
     # Runs of ops between colour distortions, each one program when compiled.
     runs: list[tuple[str, ...]] = [()]
     for name in names:

@@ -189,3 +189,11 @@ def test_compiled_ops_compute_what_the_plain_ops_do():
     for fn, args in ((lambda x, b: augment.crop_and_resize(x, b, 32), (x, boxes)),
                      (augment._jitter_step, (x, op) + params)):
         np.testing.assert_allclose(augment._xla(fn)(*args), fn(*args), atol=2e-5)
+
+
+def test_the_picture_command_writes_a_grid_of_pairs(sample_dir, tmp_path):
+    out = tmp_path / 'views.png'
+    augment._main(['--dataset', sample_dir, '--out', str(out), '--n', '4', '--columns', '2',
+                   '--scale', '1'])
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (2 * 34 + 4, 2 * 3 * 34 + 4, 3)  # 2 x 2 cells of 3 padded images
