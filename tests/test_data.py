@@ -74,11 +74,13 @@ def test_a_seed_fixes_the_stream_and_a_resumed_stream_continues_it(config):
 
 
 def test_two_replicas_partition_the_global_batch(config, two_replicas):
-    global_batch = config.replace(train_batch_size=2 * B, eval_batch_size=2 * B)
+    global_batch = config.replace(train_batch_size=2 * B, eval_batch_size=2 * B,
+                                  train_split='train[:20%]')
     context = tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0,
                                          num_replicas_in_sync=2)
+    single = {}
     for training in (True, False):
-        single = batches(data.build_dataset(global_batch, training, context), 4)
+        single[training] = batches(data.build_dataset(global_batch, training, context), 4)
         distributed = data.build_distributed_dataset(two_replicas, global_batch, training)
         iterator = iter(distributed)
         for step in range(2):
@@ -87,7 +89,7 @@ def test_two_replicas_partition_the_global_batch(config, two_replicas):
             assert rows[0].shape[0] == rows[1].shape[0] == B
             # Replica r's batch is the pipeline's batch 2 step + r: together, the global batch.
             np.testing.assert_array_equal(np.concatenate(rows),
-                                          np.concatenate(single[2 * step:2 * step + 2]))
+                                          np.concatenate(single[training][2 * step:2 * step + 2]))
             flat = np.concatenate(rows).reshape(2 * B, -1)
             assert len(np.unique(flat, axis=0)) == 2 * B  # no image twice
     _assert_pipelines_split_the_examples(config, 200)
@@ -95,7 +97,7 @@ def test_two_replicas_partition_the_global_batch(config, two_replicas):
     resumed = data.build_distributed_dataset(two_replicas, global_batch, True, start_step=1)
     images, _ = next(iter(resumed))
     np.testing.assert_array_equal(two_replicas.experimental_local_results(images)[0].numpy(),
-                                  batches(data.build_dataset(global_batch, True, context), 3)[2])
+                                  single[True][2])
 
 
 # ---------------------------------------------------------------- bad input
@@ -168,17 +170,17 @@ def test_grey_rgba_and_odd_sizes_are_converted(config, tmp_path, jpeg, monkeypat
         Image.fromarray(rgb).convert('RGBA').save(root / split / 'x' / 'rgba.png')
         Image.fromarray(rgb).resize((45, 27)).save(root / split / 'y' / 'odd.jpg')
         Image.fromarray(rgb).save(root / split / 'y' / 'rgb.jpg')
-    cfg = config.replace(dataset=str(root), train_batch_size=4, eval_batch_size=4)
+    cfg = config.replace(dataset=str(root))
     for training in (True, False):
         images, _ = next(iter(data.build_dataset(cfg, training)))
-        assert images.shape == (4, 32, 32, 6 if training else 3)
+        assert images.shape == ((B, 32, 32, 6) if training else (4, 32, 32, 3))
     grey = next(iter(data.examples(cfg, 'test')))  # decoded as RGB
     assert grey[0].shape[-1] == 3
     # A folder taken for one size (from a sample of headers) resizes a stray odd image.
     monkeypatch.setattr(data, '_SIZE_SAMPLE', 1)
     data._source.cache_clear()
     images, _ = next(iter(data.build_dataset(cfg.replace(cache_dataset=True), False)))
-    assert images.shape == (4, 32, 32, 3)
+    assert images.shape == (4, 32, 32, 3)  # the split's 4 images
 
 
 def test_tfds_errors(config, tmp_path):
@@ -242,6 +244,6 @@ def test_a_quarter_turn_before_the_crop_of_non_square_images(config, tmp_path, j
     wide = tmp_path / 'wide.jpg'
     Image.open(jpeg).resize((40, 24)).save(wide)
     root = _folder(tmp_path / 'ds', source=wide)
-    cfg = config.replace(dataset=root, train_batch_size=4, augmentations='rotate,crop,color')
+    cfg = config.replace(dataset=root, augmentations='rotate,crop,color')
     images, _ = next(iter(data.build_dataset(cfg, True)))
-    assert images.shape == (4, 32, 32, 6)
+    assert images.shape == (B, 32, 32, 6)
