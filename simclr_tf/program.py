@@ -51,7 +51,7 @@ def run(config: Config, flags: Optional[dict[str, Any]] = None) -> Optional[dict
     if chief:
         with tf.io.gfile.GFile(os.path.join(config.model_dir, 'config.json'), 'w') as f:
             f.write(config.to_json())
-    logging.info('%s: %d train / %d eval examples, %d classes, %d replicas', config.dataset,
+    logging.info('%s: %s train / %s eval examples, %s classes, %d replicas', config.dataset,
                  info.num_train_examples, info.num_eval_examples, info.num_classes,
                  strategy.num_replicas_in_sync)
 
