@@ -99,6 +99,10 @@ _HELP = {
     'knn_train_examples': 'New. Train examples the kNN monitor uses (0 turns it off).',
     'eval_timeout': 'New. mode=eval: seconds to wait for a new checkpoint before giving up '
                     '(0: wait until the last step\'s checkpoint, as the original).',
+    'label_fraction': 'New. Fine-tune on a class-balanced, seeded fraction of train_split '
+                      '(0.01, 0.1: the paper\'s semi-supervised protocol on any dataset).',
+    'label_seed': 'New. Seed of the label_fraction subset (apart from --seed, so runs with '
+                  'different seeds can share one subset).',
 }
 _ENUMS = {
     'learning_rate_scaling': ['linear', 'sqrt'],

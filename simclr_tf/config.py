@@ -95,6 +95,8 @@ class Config:
     knn_temperature: float = 0.1
     knn_train_examples: int = 100_000  # train examples the kNN monitor uses; 0 turns it off
     eval_timeout: int = 0  # mode=eval: seconds to wait for a new checkpoint; 0 = until the last
+    label_fraction: float = 1.0  # fine-tuning on a balanced, seeded share of train_split's labels
+    label_seed: int = 0  # which label subset (independent of `seed`, so runs can share one)
 
     # ------------------------------------------------------------------
     @property
@@ -187,6 +189,11 @@ class Config:
               f'fine_tune_after_block={self.fine_tune_after_block} only applies to '
               'train_mode=finetune; it must be -1 with train_mode=pretrain')
         check(self.margin >= 0, f'margin={self.margin} must be >= 0')
+        check(0 < self.label_fraction <= 1,
+              f'label_fraction={self.label_fraction} must be in (0, 1]')
+        check(self.label_fraction == 1 or self.train_mode == 'finetune',
+              f'label_fraction={self.label_fraction} applies to train_mode=finetune (pretraining '
+              'uses every image); it must be 1 with train_mode=pretrain')
         bad = [a for a in self.augmentation_list if a not in AUGMENTATIONS]
         check(not bad, f'augmentations={self.augmentations!r}: unknown {", ".join(bad)}; '
                        f'known: {", ".join(AUGMENTATIONS)}')

@@ -28,6 +28,7 @@ import random
 import re
 from typing import Optional
 
+import numpy as np
 import PIL.Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -187,6 +188,9 @@ class _FolderSource:
     def num_examples(self, split: str) -> int:
         return len(self._select(split)[0])
 
+    def labels(self, split: str) -> np.ndarray:
+        return np.asarray(self._select(split)[1], np.int64)
+
     def read(self, split: str, num_shards: int, index: int) -> tuple[tf.data.Dataset, int]:
         paths, labels = self._select(split)
         paths, labels = paths[index::num_shards], labels[index::num_shards]
@@ -240,6 +244,13 @@ class _TfdsSource:
             raise DataError(f'split {split!r} not usable in {self.description}: {e}; it has: '
                             f'{", ".join(sorted(self.builder.info.splits))}') from None
 
+    @functools.lru_cache(maxsize=4)
+    def labels(self, split: str) -> np.ndarray:
+        # One pass over the split without decoding images: for the label_fraction subset.
+        dataset = self.builder.as_dataset(split=split, shuffle_files=False,
+                                          decoders={self.image_key: tfds.decode.SkipDecoding()})
+        return np.fromiter((int(x[self.label_key]) for x in tfds.as_numpy(dataset)), np.int64)
+
     def read(self, split: str, num_shards: int, index: int) -> tuple[tf.data.Dataset, int]:
         if num_shards > 1:  # exact even example ranges, so each pipeline knows its epoch length
             split = tfds.even_splits(split, n=num_shards)[index]
@@ -273,13 +284,62 @@ def _source(dataset: str, data_dir: Optional[str]):
     return _TfdsSource(dataset, data_dir)
 
 
+# ---------------------------------------------------------------- label subsets
+def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of round(fraction * N) examples (at least one), spread over the classes
+    as evenly as their sizes allow; which examples, and which classes get the remainder, is a
+    function of `seed` alone. The semi-supervised protocol of the paper (1 % / 10 % of labels)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    classes = rng.permutation(np.unique(labels))  # seeded order: who gets the remainder
+    members = {c: rng.permutation(np.flatnonzero(labels == c)) for c in classes}
+    quota = dict.fromkeys(classes, 0)
+    remaining = max(1, round(fraction * len(labels)))
+    open_ = list(classes)
+    while remaining > 0 and open_:  # water-filling: small classes give their surplus to others
+        share, extra = divmod(remaining, len(open_))
+        for rank, c in enumerate(open_):
+            take = min(share + (rank < extra), len(members[c]) - quota[c])
+            quota[c] += take
+            remaining -= take
+        open_ = [c for c in open_ if quota[c] < len(members[c])]
+    return np.sort(np.concatenate([members[c][:quota[c]] for c in classes]))
+
+
+def _label_subset(source, config: Config, split: str) -> Optional[np.ndarray]:
+    """The indices of `split` fine-tuning uses with label_fraction < 1, else None."""
+    if config.train_mode != 'finetune' or config.label_fraction >= 1:
+        return None
+    subset = balanced_subset(source.labels(split), config.label_fraction, config.label_seed)
+    logging.info('label_fraction=%g of %s: %d examples (label_seed %d)', config.label_fraction,
+                 split, len(subset), config.label_seed)
+    return subset
+
+
+def _read_train(source, config: Config, pipelines: int, pipeline: int
+                ) -> tuple[tf.data.Dataset, int]:
+    """train_split's (item, label) for one input pipeline, restricted to the label subset."""
+    split = config.train_split
+    subset = _label_subset(source, config, split)
+    if subset is None:
+        return source.read(split, pipelines, pipeline)
+    items, n = source.read(split, 1, 0)
+    keep = np.zeros([n], bool)
+    keep[subset] = True
+    items = (items.enumerate().filter(lambda i, item: tf.gather(keep, i))
+             .map(lambda i, item: item).shard(pipelines, pipeline))
+    return items, len(subset[pipeline::pipelines])
+
+
 # ---------------------------------------------------------------- public API
 def dataset_info(config: Config, need_eval: bool = True) -> DatasetInfo:
     """Checks the source and the splits (before any model is built) and sizes them."""
     source = _source(config.dataset, config.data_dir)
+    subset = _label_subset(source, config, config.train_split)
     return DatasetInfo(
         num_classes=source.num_classes,
-        num_train_examples=source.num_examples(config.train_split),
+        num_train_examples=(source.num_examples(config.train_split) if subset is None
+                            else len(subset)),
         num_eval_examples=source.num_examples(config.eval_split) if need_eval else None,
         class_names=source.class_names)
 
@@ -310,7 +370,10 @@ def build_dataset(config: Config, is_training: bool,
         pipelines = input_context.num_input_pipelines
         pipeline = input_context.input_pipeline_id
         replicas = input_context.num_replicas_in_sync
-    items, n = source.read(split, pipelines, pipeline)
+    if is_training:
+        items, n = _read_train(source, config, pipelines, pipeline)
+    else:
+        items, n = source.read(split, pipelines, pipeline)
     if not n:
         raise DataError(f'split {split!r} of {source.description} has no examples for input '
                         f'pipeline {pipeline} of {pipelines}')

@@ -1,0 +1,95 @@
+"""Training throughput: end to end from an image folder vs. the model-only bound, and peak RSS.
+
+    python bench/throughput.py --flagfile=flags/cifar10_pretrain.cfg --dataset=/tmp/cifar10 \\
+        --train_batch_size=256 --jit_compile [--bench_steps=4 --bench_windows=2]
+
+Takes run.py's flags (a flag set is a run's flag set). Builds the model, optimizer and training
+loop exactly as run.py does, then alternates timed windows of `--bench_steps` steps fed
+(a) by the real input pipeline (decode, cache, shuffle, two augmented views) and (b) by one
+synthetic batch of the same shape held in memory (the model-only bound: same step, same blur,
+no input work). Compilation and the cache fill are excluded by `--bench_warmup_steps`.
+Prints one JSON line: median pairs/s of both, their ratio, peak RSS, the config and command.
+"""
+
+import json
+import os
+import resource
+import shlex
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+import run  # noqa: E402  (defines run.py's flags)
+
+flags.DEFINE_integer('bench_steps', 4, 'Training steps per timed window.')
+flags.DEFINE_integer('bench_windows', 2, 'Timed windows of each kind (median reported).')
+flags.DEFINE_integer('bench_warmup_steps', 2, 'Untimed steps of each kind first (compile).')
+flags.DEFINE_string('extract', None, 'tar.gz to extract into --dataset first if it is missing.')
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> None:
+    del argv
+    import tensorflow as tf
+
+    from simclr_tf import data, distribute, program, train
+
+    if FLAGS.extract and not os.path.isdir(FLAGS.dataset):
+        with tarfile.open(FLAGS.extract) as tar:
+            tar.extractall(os.path.dirname(FLAGS.dataset.rstrip('/')) or '.', filter='data')
+    model_dir = FLAGS.model_dir or tempfile.mkdtemp(prefix='simclr_bench_')
+    config = run.config_from_flags().replace(model_dir=model_dir, mode='train')
+    if config.cpu_replicas > 1:
+        distribute.configure_cpu_replicas(config.cpu_replicas)
+    strategy = distribute.build_strategy(config)
+    distribute.check_strategy(config, strategy)
+    info = data.dataset_info(config, need_eval=False)
+    program.set_up(config)
+    state = train.build_state(config, strategy, info)
+    loop = train.make_loop_fn(config, state, strategy)
+
+    real = iter(data.build_distributed_dataset(strategy, config, True))
+    images, labels = next(iter(data.build_dataset(config, True)))  # one real batch's shapes
+    per_replica = config.train_batch_size // strategy.num_replicas_in_sync
+    synthetic_batch = (tf.random.uniform([per_replica, *images.shape[1:]]),
+                       tf.one_hot(tf.zeros([per_replica], tf.int32), info.num_classes))
+    synthetic = iter(strategy.distribute_datasets_from_function(
+        lambda _: tf.data.Dataset.from_tensors(synthetic_batch).repeat()))
+
+    def timed(iterator, steps: int) -> float:
+        t0 = time.perf_counter()
+        loop(iterator, tf.constant(steps)).numpy()
+        return config.train_batch_size * steps / (time.perf_counter() - t0)
+
+    for iterator in (synthetic, real):
+        timed(iterator, FLAGS.bench_warmup_steps)
+    rates = {'model_only': [], 'end_to_end': []}
+    for _ in range(FLAGS.bench_windows):  # alternate, so drift hits both alike
+        rates['model_only'].append(timed(synthetic, FLAGS.bench_steps))
+        rates['end_to_end'].append(timed(real, FLAGS.bench_steps))
+        print(f'window: model-only {rates["model_only"][-1]:.2f}, end-to-end '
+              f'{rates["end_to_end"][-1]:.2f} pairs/s', file=sys.stderr)
+    e2e, bound = (statistics.median(rates[k]) for k in ('end_to_end', 'model_only'))
+    keys = ('resnet_depth', 'width_multiplier', 'image_size', 'train_batch_size', 'optimizer',
+            'jit_compile', 'mixed_precision', 'cpu_replicas', 'use_blur', 'augmentations',
+            'cache_dataset', 'dataset')
+    print(json.dumps({
+        'pairs_per_s': round(e2e, 2), 'model_only_pairs_per_s': round(bound, 2),
+        'efficiency': round(e2e / bound, 3),
+        'peak_rss_gb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        'windows': {k: [round(r, 2) for r in v] for k, v in rates.items()},
+        'steps_per_window': FLAGS.bench_steps, 'cpus': os.cpu_count(),
+        'config': {k: getattr(config, k) for k in keys},
+        'command': 'python ' + ' '.join(map(shlex.quote, sys.argv)),
+    }))
+
+
+if __name__ == '__main__':
+    app.run(main)
