@@ -10,7 +10,7 @@ Stages:
   curve     run.py --mode=eval on the kept checkpoints: kNN / linear-head accuracy over steps
   probe     python -m simclr_tf.probe on the SimCLR checkpoint, the same encoder randomly
             initialised, and raw pixels: kNN k=200 and k=20, offline linear classifier
-  augment   pretraining for --augment_epochs with crop,flip,color / crop,flip / color, each probed
+  augment   pretraining for --augment_steps with crop,flip,color / crop,flip / color, each probed
 The data (a tar.gz of train|test/<class>/*.jpg, or that folder) is extracted next to --work.
 """
 
@@ -32,7 +32,8 @@ def main() -> None:
     parser.add_argument('--data', required=True, help='cifar10-jpg.tar.gz or its extracted folder')
     parser.add_argument('--work', default='/tmp/simclr_study')
     parser.add_argument('--stages', default='pretrain,curve,probe,augment')
-    parser.add_argument('--augment_epochs', type=int, default=3)
+    parser.add_argument('--augment_steps', type=int, default=195,
+                        help='pretraining steps of each augmentation run (195: half an epoch)')
     parser.add_argument('--out', default=os.path.join(REPO, 'bench', 'results',
                                                       'cifar10_study.json'))
     args = parser.parse_args()
@@ -81,7 +82,7 @@ def main() -> None:
             name = 'augment_' + augmentations.replace(',', '_')
             model_dir = os.path.join(args.work, name)
             step(name, run + [f'--model_dir={model_dir}', f'--augmentations={augmentations}',
-                              f'--train_epochs={args.augment_epochs}', '--mode=train'])
+                              f'--train_steps={args.augment_steps}', '--mode=train'])
             out = os.path.join(args.work, f'probe_{name}.json')
             step('probe_' + name, [python, '-m', 'simclr_tf.probe', f'--dataset={data}',
                                    f'--model={model_dir}', f'--out={out}'], out)

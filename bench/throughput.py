@@ -32,6 +32,8 @@ flags.DEFINE_integer('bench_steps', 4, 'Training steps per timed window.')
 flags.DEFINE_integer('bench_windows', 2, 'Timed windows of each kind (median reported).')
 flags.DEFINE_integer('bench_warmup_steps', 2, 'Untimed steps of each kind first (compile).')
 flags.DEFINE_string('extract', None, 'tar.gz to extract into --dataset first if it is missing.')
+flags.DEFINE_integer('inter_op_threads', 0, 'tf.config.threading inter-op threads (0: TF default).')
+flags.DEFINE_integer('intra_op_threads', 0, 'tf.config.threading intra-op threads (0: TF default).')
 FLAGS = flags.FLAGS
 
 
@@ -41,6 +43,8 @@ def main(argv) -> None:
 
     from simclr_tf import data, distribute, program, train
 
+    tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op_threads)
+    tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)
     if FLAGS.extract and not os.path.isdir(FLAGS.dataset):
         with tarfile.open(FLAGS.extract) as tar:
             tar.extractall(os.path.dirname(FLAGS.dataset.rstrip('/')) or '.', filter='data')
@@ -86,9 +90,19 @@ def main(argv) -> None:
         'peak_rss_gb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         'windows': {k: [round(r, 2) for r in v] for k, v in rates.items()},
         'steps_per_window': FLAGS.bench_steps, 'cpus': os.cpu_count(),
+        'onednn': _onednn_enabled(),
+        'threads': {'inter_op': FLAGS.inter_op_threads, 'intra_op': FLAGS.intra_op_threads},
         'config': {k: getattr(config, k) for k in keys},
         'command': 'python ' + ' '.join(map(shlex.quote, sys.argv)),
     }))
+
+
+def _onednn_enabled() -> bool:
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return False
 
 
 if __name__ == '__main__':
