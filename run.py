@@ -17,6 +17,11 @@ import sys
 
 from absl import app, flags, logging
 
+# oneDNN kernels: TensorFlow turns them on by itself only on some Intel CPUs; on the 2-core AMD
+# machines here they train a ResNet-18 1.5x faster (bench/throughput.py: 9.2 vs 5.9 pairs/s).
+# Set TF_ENABLE_ONEDNN_OPTS=0 to turn them off. Must be set before TensorFlow is imported.
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '1')
+
 from simclr_tf.config import CONTRASTIVE_LOSSES, Config, ConfigError
 
 _DEFAULTS = Config()
@@ -101,6 +106,9 @@ _HELP = {
                     '(0: wait until the last step\'s checkpoint, as the original).',
     'label_fraction': 'New. Fine-tune on a class-balanced, seeded fraction of train_split '
                       '(0.01, 0.1: the paper\'s semi-supervised protocol on any dataset).',
+    'inter_op_threads': 'New. TensorFlow inter-op threads (0: its default). 1 lowers peak memory '
+                        'on small CPUs at no cost in speed.',
+    'intra_op_threads': 'New. TensorFlow intra-op threads (0: its default, one per core).',
     'label_seed': 'New. Seed of the label_fraction subset (apart from --seed, so runs with '
                   'different seeds can share one subset).',
 }
@@ -164,9 +172,10 @@ def main(argv) -> None:
         config = config_from_flags()
         if not config.model_dir:
             raise ConfigError('--model_dir is required')
-        if config.cpu_replicas > 1:  # before TensorFlow touches a device
-            from simclr_tf.distribute import configure_cpu_replicas
-            configure_cpu_replicas(config.cpu_replicas)
+        from simclr_tf import distribute  # before TensorFlow touches a device:
+        distribute.configure_threads(config)
+        if config.cpu_replicas > 1:
+            distribute.configure_cpu_replicas(config.cpu_replicas)
         from simclr_tf import program
         result = program.run(config, flags={k: FLAGS[k].value for k in FLAGS})
         if result:

@@ -1,7 +1,7 @@
 """Training throughput: end to end from an image folder vs. the model-only bound, and peak RSS.
 
     python bench/throughput.py --flagfile=flags/cifar10_pretrain.cfg --dataset=/tmp/cifar10 \\
-        --train_batch_size=256 --jit_compile [--bench_steps=4 --bench_windows=2]
+        --train_batch_size=256 --inter_op_threads=1 [--bench_steps=2 --bench_windows=2]
 
 Takes run.py's flags (a flag set is a run's flag set). Builds the model, optimizer and training
 loop exactly as run.py does, then alternates timed windows of `--bench_steps` steps fed
@@ -32,8 +32,6 @@ flags.DEFINE_integer('bench_steps', 4, 'Training steps per timed window.')
 flags.DEFINE_integer('bench_windows', 2, 'Timed windows of each kind (median reported).')
 flags.DEFINE_integer('bench_warmup_steps', 2, 'Untimed steps of each kind first (compile).')
 flags.DEFINE_string('extract', None, 'tar.gz to extract into --dataset first if it is missing.')
-flags.DEFINE_integer('inter_op_threads', 0, 'tf.config.threading inter-op threads (0: TF default).')
-flags.DEFINE_integer('intra_op_threads', 0, 'tf.config.threading intra-op threads (0: TF default).')
 FLAGS = flags.FLAGS
 
 
@@ -43,13 +41,12 @@ def main(argv) -> None:
 
     from simclr_tf import data, distribute, program, train
 
-    tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op_threads)
-    tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)
     if FLAGS.extract and not os.path.isdir(FLAGS.dataset):
         with tarfile.open(FLAGS.extract) as tar:
             tar.extractall(os.path.dirname(FLAGS.dataset.rstrip('/')) or '.', filter='data')
     model_dir = FLAGS.model_dir or tempfile.mkdtemp(prefix='simclr_bench_')
     config = run.config_from_flags().replace(model_dir=model_dir, mode='train')
+    distribute.configure_threads(config)
     if config.cpu_replicas > 1:
         distribute.configure_cpu_replicas(config.cpu_replicas)
     strategy = distribute.build_strategy(config)
@@ -91,7 +88,7 @@ def main(argv) -> None:
         'windows': {k: [round(r, 2) for r in v] for k, v in rates.items()},
         'steps_per_window': FLAGS.bench_steps, 'cpus': os.cpu_count(),
         'onednn': _onednn_enabled(),
-        'threads': {'inter_op': FLAGS.inter_op_threads, 'intra_op': FLAGS.intra_op_threads},
+        'threads': {'inter_op': config.inter_op_threads, 'intra_op': config.intra_op_threads},
         'config': {k: getattr(config, k) for k in keys},
         'command': 'python ' + ' '.join(map(shlex.quote, sys.argv)),
     }))

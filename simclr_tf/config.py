@@ -96,6 +96,8 @@ class Config:
     knn_train_examples: int = 100_000  # train examples the kNN monitor uses; 0 turns it off
     eval_timeout: int = 0  # mode=eval: seconds to wait for a new checkpoint; 0 = until the last
     label_fraction: float = 1.0  # fine-tuning on a balanced, seeded share of train_split's labels
+    inter_op_threads: int = 0  # TensorFlow's thread pools; 0 = its default (one per core)
+    intra_op_threads: int = 0
     label_seed: int = 0  # which label subset (independent of `seed`, so runs can share one)
 
     # ------------------------------------------------------------------
@@ -158,7 +160,8 @@ class Config:
             check(getattr(self, field) > 0, f'{field}={getattr(self, field)} must be > 0')
         for field in ('train_steps', 'eval_steps', 'checkpoint_steps', 'train_epochs',
                       'checkpoint_epochs', 'cpu_replicas', 'steps_per_loop', 'warmup_epochs',
-                      'weight_decay', 'learning_rate', 'knn_train_examples', 'eval_timeout'):
+                      'weight_decay', 'learning_rate', 'knn_train_examples', 'eval_timeout',
+                      'inter_op_threads', 'intra_op_threads'):
             check(getattr(self, field) >= 0, f'{field}={getattr(self, field)} must be >= 0')
         check(self.train_steps > 0 or self.train_epochs > 0,
               'one of train_steps or train_epochs must be > 0')

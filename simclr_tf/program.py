@@ -104,6 +104,8 @@ def continuous_eval(config: Config, strategy: tf.distribute.Strategy, info: data
             export_model(config, model, step)
             if step >= last_step:
                 return result
+        if _step_of(tf.train.latest_checkpoint(config.model_dir) or '') >= last_step:
+            return result  # the last step's checkpoint was evaluated before (e.g. by training)
     return result
 
 

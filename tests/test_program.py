@@ -159,6 +159,14 @@ def test_continuous_eval_evaluates_each_checkpoint(tmp_path, sample_dir):
         assert 0 <= saved['eval/knn_top_1_accuracy'] <= 1
     assert sorted(os.listdir(tmp_path / 'saved_model')) == ['1', '2']
 
+    # Everything evaluated already (as after train_then_eval): without a timeout it must still
+    # return at once rather than wait for a checkpoint that never comes.
+    import threading
+    again = threading.Thread(target=program.run, args=(config.replace(mode='eval'),), daemon=True)
+    again.start()
+    again.join(timeout=120)
+    assert not again.is_alive(), 'mode=eval waited although the last checkpoint was evaluated'
+
 
 @pytest.mark.parametrize('changes', [dict(jit_compile=True), dict(mixed_precision='bfloat16')])
 def test_xla_and_mixed_precision_train(tmp_path, sample_dir, changes):
