@@ -11,6 +11,7 @@ Stages:
   probe     python -m simclr_tf.probe on the SimCLR checkpoint, the same encoder randomly
             initialised, and raw pixels: kNN k=200 and k=20, offline linear classifier
   augment   pretraining for --augment_steps with crop,flip,color / crop,flip / color, each probed
+            (kNN and linear fitted on --augment_probe_split)
 The data (a tar.gz of train|test/<class>/*.jpg, or that folder) is extracted next to --work.
 """
 
@@ -34,6 +35,8 @@ def main() -> None:
     parser.add_argument('--stages', default='pretrain,curve,probe,augment')
     parser.add_argument('--augment_steps', type=int, default=195,
                         help='pretraining steps of each augmentation run (195: half an epoch)')
+    parser.add_argument('--augment_probe_split', default='train[:10000]',
+                        help='train split the augmentation arms are probed with')
     parser.add_argument('--out', default=os.path.join(REPO, 'bench', 'results',
                                                       'cifar10_study.json'))
     args = parser.parse_args()
@@ -85,7 +88,8 @@ def main() -> None:
                               f'--train_steps={args.augment_steps}', '--mode=train'])
             out = os.path.join(args.work, f'probe_{name}.json')
             step('probe_' + name, [python, '-m', 'simclr_tf.probe', f'--dataset={data}',
-                                   f'--model={model_dir}', f'--out={out}'], out)
+                                   f'--model={model_dir}', f'--out={out}',
+                                   f'--train_split={args.augment_probe_split}'], out)
     with open(args.out, 'w') as f:
         json.dump(record, f, indent=2, sort_keys=True)
 
