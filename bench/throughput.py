@@ -57,9 +57,10 @@ def main(argv) -> None:
     loop = train.make_loop_fn(config, state, strategy)
 
     real = iter(data.build_distributed_dataset(strategy, config, True))
-    images, labels = next(iter(data.build_dataset(config, True)))  # one real batch's shapes
+    # A batch's shape from the pipeline's spec: iterating it would fill a second shuffle buffer.
+    image_shape = data.build_dataset(config, True).element_spec[0].shape[1:]
     per_replica = config.train_batch_size // strategy.num_replicas_in_sync
-    synthetic_batch = (tf.random.uniform([per_replica, *images.shape[1:]]),
+    synthetic_batch = (tf.random.uniform([per_replica, *image_shape]),
                        tf.one_hot(tf.zeros([per_replica], tf.int32), info.num_classes))
     synthetic = iter(strategy.distribute_datasets_from_function(
         lambda _: tf.data.Dataset.from_tensors(synthetic_batch).repeat()))
