@@ -310,9 +310,15 @@ def _label_subset(source, config: Config, split: str) -> Optional[np.ndarray]:
     """The indices of `split` fine-tuning uses with label_fraction < 1, else None."""
     if config.train_mode != 'finetune' or config.label_fraction >= 1:
         return None
-    subset = balanced_subset(source.labels(split), config.label_fraction, config.label_seed)
-    logging.info('label_fraction=%g of %s: %d examples (label_seed %d)', config.label_fraction,
-                 split, len(subset), config.label_seed)
+    return _cached_subset(source, split, config.label_fraction, config.label_seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_subset(source, split: str, fraction: float, seed: int) -> np.ndarray:
+    # Sized by dataset_info, read by every input pipeline: one draw (and pass over labels) each.
+    subset = balanced_subset(source.labels(split), fraction, seed)
+    logging.info('label_fraction=%g of %s: %d examples (label_seed %d)', fraction, split,
+                 len(subset), seed)
     return subset
 
 
