@@ -52,22 +52,12 @@ def main(argv) -> None:
     del argv
     import tensorflow as tf
 
-    from simclr_tf import data, distribute, program, train
+    import training_step
 
     config = run.config_from_flags().replace(model_dir=tempfile.mkdtemp(prefix='simclr_prof_'),
                                              mode='train')
-    distribute.configure_threads(config)
-    strategy = distribute.build_strategy(config)
-    info = data.dataset_info(config, need_eval=False)
-    program.set_up(config)
-    state = train.build_state(config, strategy, info)
-    loop = train.make_loop_fn(config, state, strategy)
-    image_shape = data.build_dataset(config, True).element_spec[0].shape[1:]
-    per_replica = config.train_batch_size // strategy.num_replicas_in_sync
-    batch = (tf.random.uniform([per_replica, *image_shape]),
-             tf.one_hot(tf.zeros([per_replica], tf.int32), info.num_classes))
-    iterator = iter(strategy.distribute_datasets_from_function(
-        lambda _: tf.data.Dataset.from_tensors(batch).repeat()))
+    step = training_step.build(config)
+    loop, iterator = step.loop, step.synthetic
 
     loop(iterator, tf.constant(2)).numpy()
     t0 = time.perf_counter()
@@ -89,8 +79,8 @@ def main(argv) -> None:
         print(f'  {seconds:8.2f} s {100 * seconds / total:5.1f} %  {op_type}')
     convs = sum(s for t, s in by_type.items() if 'Conv2D' in t)
     print(f'convolutions: {convs:.2f} s ({100 * convs / total:.1f} % of the op time)')
-    images = 2 * per_replica if config.train_mode == 'pretrain' else per_replica
-    macs = conv_macs(state.model.encoder, image_shape, images)
+    images = 2 * step.per_replica if config.train_mode == 'pretrain' else step.per_replica
+    macs = conv_macs(step.state.model.encoder, step.image_shape, images)
     if macs:
         for direction in ('Conv2D', 'Conv2DBackpropInput', 'Conv2DBackpropFilter'):
             seconds = sum(s for t, s in by_type.items() if t.endswith(direction))

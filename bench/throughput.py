@@ -39,31 +39,17 @@ def main(argv) -> None:
     del argv
     import tensorflow as tf
 
-    from simclr_tf import data, distribute, program, train
+    import training_step
+    from simclr_tf import data
 
     if FLAGS.extract and not os.path.isdir(FLAGS.dataset):
         with tarfile.open(FLAGS.extract) as tar:
             tar.extractall(os.path.dirname(FLAGS.dataset.rstrip('/')) or '.', filter='data')
     model_dir = FLAGS.model_dir or tempfile.mkdtemp(prefix='simclr_bench_')
     config = run.config_from_flags().replace(model_dir=model_dir, mode='train')
-    distribute.configure_threads(config)
-    if config.cpu_replicas > 1:
-        distribute.configure_cpu_replicas(config.cpu_replicas)
-    strategy = distribute.build_strategy(config)
-    distribute.check_strategy(config, strategy)
-    info = data.dataset_info(config, need_eval=False)
-    program.set_up(config)
-    state = train.build_state(config, strategy, info)
-    loop = train.make_loop_fn(config, state, strategy)
-
-    real = iter(data.build_distributed_dataset(strategy, config, True))
-    # A batch's shape from the pipeline's spec: iterating it would fill a second shuffle buffer.
-    image_shape = data.build_dataset(config, True).element_spec[0].shape[1:]
-    per_replica = config.train_batch_size // strategy.num_replicas_in_sync
-    synthetic_batch = (tf.random.uniform([per_replica, *image_shape]),
-                       tf.one_hot(tf.zeros([per_replica], tf.int32), info.num_classes))
-    synthetic = iter(strategy.distribute_datasets_from_function(
-        lambda _: tf.data.Dataset.from_tensors(synthetic_batch).repeat()))
+    step = training_step.build(config)
+    loop, synthetic = step.loop, step.synthetic
+    real = iter(data.build_distributed_dataset(step.strategy, config, True))
 
     def timed(iterator, steps: int) -> float:
         t0 = time.perf_counter()
