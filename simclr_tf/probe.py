@@ -89,16 +89,26 @@ def _accuracy(weights: tuple[tf.Variable, tf.Variable], x: np.ndarray, y: np.nda
 def knn_accuracies(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                    test_y: np.ndarray, num_classes: int, temperature: float = 0.1,
                    ks: tuple[int, ...] = (200, 20)) -> dict[str, float]:
-    """Weighted cosine kNN top-1 for each k."""
-    return {f'knn{k}_top_1_accuracy': float(np.mean(evaluate.knn_classify(
-        train_x, train_y, test_x, num_classes, k, temperature) == test_y)) for k in ks}
+    """Weighted cosine kNN top-1 for each k, on the features as they are and mean-centred.
+
+    Centring (subtracting the train features' mean from both sets) matters for features that
+    are all positive, such as raw pixels or post-ReLU h: uncentred, every pair of them has a high
+    cosine similarity, which blunts the neighbour ranking."""
+    mean = train_x.mean(0, keepdims=True)
+    result = {}
+    for name, (train, test) in {'': (train_x, test_x),
+                                '_centred': (train_x - mean, test_x - mean)}.items():
+        for k in ks:
+            predicted = evaluate.knn_classify(train, train_y, test, num_classes, k, temperature)
+            result[f'knn{k}{name}_top_1_accuracy'] = float(np.mean(predicted == test_y))
+    return result
 
 
 # ---------------------------------------------------------------- feature sources
-def checkpoint_features(path: str, random_init: bool = False, seed: int = 0
-                        ) -> tuple[FeatureFn, Config]:
-    """h of a training checkpoint (model_dir or prefix) and the run's config; with `random_init`
-    the same architecture with fresh weights instead."""
+def checkpoint_features(path: str, random_init: bool = False, seed: int = 0,
+                        output: str = 'final_avg_pool') -> tuple[FeatureFn, Config]:
+    """`output` (h by default) of a training checkpoint (model_dir or prefix) and the run's
+    config; with `random_init` the same architecture with fresh weights instead."""
     from simclr_tf import checkpoint
     from simclr_tf.model import build_model
     prefix = checkpoint.resolve_checkpoint(path)
@@ -113,14 +123,21 @@ def checkpoint_features(path: str, random_init: bool = False, seed: int = 0
     model = build_model(config, info.num_classes)
     if not random_init:
         tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
-    return tf.function(lambda x: model(x, training=False)['final_avg_pool']), config
+    return tf.function(lambda x: _output(model(x, training=False), output)), config
 
 
-def saved_model_features(path: str) -> FeatureFn:
-    """h of an export (`saved_model/<step>`), loaded with TensorFlow alone."""
+def saved_model_features(path: str, output: str = 'final_avg_pool') -> FeatureFn:
+    """`output` (h by default) of an export (`saved_model/<step>`), loaded with TensorFlow alone."""
     from simclr_tf.export import load_saved_model
     module = load_saved_model(path)
-    return tf.function(lambda x: module(x, trainable=False)['final_avg_pool'])
+    return tf.function(lambda x: _output(module(x, trainable=False), output))
+
+
+def _output(outputs: dict, name: str) -> tf.Tensor:
+    if name not in outputs:
+        raise ConfigError(f'--output={name!r}: the model has no such output; it has '
+                          f'{", ".join(sorted(outputs))}')
+    return outputs[name]
 
 
 def pixel_features(images: tf.Tensor) -> tf.Tensor:
@@ -172,6 +189,9 @@ def _main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument('--linear_min_steps', type=int, default=1000,
                         help='more epochs on small sets, so that each fit has this many steps')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--output', default='final_avg_pool',
+                        help='which named output to probe: final_avg_pool (h, default) or '
+                             'proj_head_output (z), or any other the model returns')
     parser.add_argument('--out', help='also write the JSON result here')
     args = parser.parse_args(argv)
     if args.pixels == bool(args.model):
@@ -184,16 +204,17 @@ def _main(argv: Optional[list[str]] = None) -> None:
     if args.pixels:
         fn, source = pixel_features, 'pixels'
     elif tf.io.gfile.exists(os.path.join(args.model, 'saved_model.pb')):
-        fn, source = saved_model_features(args.model), f'saved_model {args.model}'
+        fn, source = saved_model_features(args.model, args.output), f'saved_model {args.model}'
     else:
-        fn, config = checkpoint_features(args.model, args.random_init, args.seed)
+        fn, config = checkpoint_features(args.model, args.random_init, args.seed, args.output)
         source = f'{"random init of " if args.random_init else ""}checkpoint {args.model}'
     changes = {k: getattr(args, k) for k in ('dataset', 'data_dir', 'image_size')
                if getattr(args, k) is not None}
     config = config.replace(**changes, train_split=args.train_split, eval_split=args.eval_split,
                             eval_batch_size=args.batch_size, cache_dataset=False)
     measured = probe(fn, config, args.linear_epochs, args.linear_min_steps)
-    result = {'features': source, 'dataset': config.dataset, **measured}
+    output = 'pixels' if args.pixels else args.output
+    result = {'features': source, 'output': output, 'dataset': config.dataset, **measured}
     line = json.dumps(result)
     print(line)
     if args.out:

@@ -32,11 +32,27 @@ def separable():
 def test_knn_separable_is_perfect_and_shuffled_is_chance(separable):
     train_x, train_y, test_x, test_y = separable
     knn = probe.knn_accuracies(train_x, train_y, test_x, test_y, 5)
-    assert knn == {'knn200_top_1_accuracy': 1.0, 'knn20_top_1_accuracy': 1.0}
+    assert knn == {f'knn{k}{c}_top_1_accuracy': 1.0 for k in (200, 20) for c in ('', '_centred')}
     shuffled = np.random.default_rng(2).permutation(train_y)
     chance = probe.knn_accuracies(train_x, shuffled, test_x, test_y, 5)
     for value in chance.values():
         assert 0.08 <= value <= 0.35  # chance is 0.2 on 200 test examples
+
+
+def test_centred_knn_ignores_a_shared_offset():
+    # Centring subtracts the train mean, so adding one vector to every feature (as the mean image
+    # does to raw pixels) changes nothing but float rounding.
+    rng = np.random.default_rng(0)
+    y_train, y_test = np.repeat(np.arange(5), 100), np.repeat(np.arange(5), 40)
+    train_x = (np.eye(16)[y_train] + rng.normal(0, 0.6, [500, 16])).astype(np.float32)
+    test_x = (np.eye(16)[y_test] + rng.normal(0, 0.6, [200, 16])).astype(np.float32)
+    offset = rng.uniform(1, 3, [16]).astype(np.float32)
+    plain = probe.knn_accuracies(train_x, y_train, test_x, y_test, 5)
+    shifted = probe.knn_accuracies(train_x + offset, y_train, test_x + offset, y_test, 5)
+    for k in (200, 20):
+        centred = f'knn{k}_centred_top_1_accuracy'
+        assert abs(shifted[centred] - plain[centred]) <= 0.01, (plain, shifted)
+        assert 0.4 < plain[centred] < 1.0  # noisy enough that the ranking is tested
 
 
 def test_linear_probe_separable_and_shuffled(separable):
@@ -104,8 +120,10 @@ def test_probe_command_on_raw_pixels(sample_dir, tmp_path):
     result = json.loads(out.read_text())
     assert result['num_train_examples'] == 500 and result['num_eval_examples'] == 100
     assert result['feature_dim'] == 32 * 32 * 3
-    for key in ('knn200_top_1_accuracy', 'knn20_top_1_accuracy', 'linear_top_1_accuracy'):
+    for key in ('knn200_top_1_accuracy', 'knn20_top_1_accuracy', 'knn200_centred_top_1_accuracy',
+                'linear_top_1_accuracy'):
         assert 0.15 < result[key] < 0.6, (key, result[key])  # raw pixels beat chance (0.1)
+    assert result['output'] == 'pixels'
     bad = subprocess.run([sys.executable, '-m', 'simclr_tf.probe', '--pixels',
                           f'--dataset={sample_dir}'], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and '--image_size are required' in bad.stderr
