@@ -1,17 +1,27 @@
-"""The CIFAR-10 study: SimCLR within an hour on a 2-core CPU vs. two baselines, and the paper's
-augmentation study at a smaller scale. Every step is a command a user could type; this script
-runs them in order, times them and records commands and results in one JSON file.
+"""The CIFAR-10 study: SimCLR on a 2-core CPU vs. two baselines, and the paper's ablations at a
+smaller scale. Every step is a command a user could type; this script runs them in order, times
+them and records commands, wall times and results in one JSON file.
 
     python bench/cifar10_study.py --data=../shared/data/cifar10-jpg.tar.gz --work=/tmp/study \\
-        [--stages=pretrain,curve,probe,augment] [--out=bench/results/cifar10_study.json]
+        [--stages=pretrain,curve,probe,head,loss,temperature,color,augment] \\
+        [--out=bench/results/cifar10_study.json]
 
 Stages:
-  pretrain  run.py --flagfile=flags/cifar10_study.cfg (train_then_eval: linear head + kNN, export)
-  curve     run.py --mode=eval on the kept checkpoints: kNN / linear-head accuracy over steps
-  probe     python -m simclr_tf.probe on the SimCLR checkpoint, the same encoder randomly
-            initialised, and raw pixels: kNN k=200 and k=20, offline linear classifier
-  augment   pretraining for --augment_steps with crop,flip,color / crop,flip / color, each probed
-            (kNN and linear fitted on --augment_probe_split)
+  pretrain     run.py --flagfile=flags/cifar10_study.cfg (train_then_eval: linear head + kNN, export)
+  curve        run.py --mode=eval on the kept checkpoints: kNN / linear-head accuracy over steps
+  probe        python -m simclr_tf.probe on the SimCLR checkpoint, the same encoder randomly
+               initialised, and raw pixels: kNN (plain and mean-centred) and the linear classifier
+  head         projection head none / linear / nonlinear, each probed on h and on z (Figure 8)
+  loss         NT-Xent / NT-Logistic / margin triplet, each over a small temperature or margin
+               sweep (Table 2)
+  temperature  NT-Xent at temperature 0.1 / 0.5 / 1.0 (Table 5)
+  color        colour-distortion strength 0 / 0.25 / 0.5 / 1.0 (Table 1; 0 = no colour op)
+  augment      crop+flip+colour / crop+flip / colour only (Figure 5)
+Every ablation arm pretrains for --arm_steps with the study's flags and seed, then is probed with
+kNN and linear fitted on --arm_probe_split and tested on the whole test split.
+
+Rerunning resumes: a step whose command already has a result in --out is skipped, and a
+pretraining step that was interrupted continues from the checkpoints in its model_dir.
 The data (a tar.gz of train|test/<class>/*.jpg, or that folder) is extracted next to --work.
 """
 
@@ -25,73 +35,113 @@ import tarfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AUGMENTATION_SETS = ('crop,flip,color', 'crop,flip', 'color')
+
+# Ablation arms: stage -> [(arm name, extra run.py flags, outputs to probe)].
+H, Z = 'final_avg_pool', 'proj_head_output'
+ABLATIONS = {
+    'head': [(f'head_{mode}', [f'--proj_head_mode={mode}'], (H, Z))
+             for mode in ('none', 'linear', 'nonlinear')],
+    'loss': ([(f'loss_nt_xent_t{t}', [f'--temperature={t}'], (H,)) for t in (0.1, 0.5, 1.0)]
+             + [(f'loss_nt_logistic_t{t}', ['--contrastive_loss=nt_logistic', f'--temperature={t}'],
+                 (H,)) for t in (0.1, 0.5, 1.0)]
+             + [(f'loss_margin_triplet_m{m}', ['--contrastive_loss=margin_triplet', f'--margin={m}'],
+                 (H,)) for m in (0.2, 0.5, 1.0)]),
+    'temperature': [(f'temperature_{t}', [f'--temperature={t}'], (H,)) for t in (0.1, 0.5, 1.0)],
+    'color': [(f'color_{s}', [f'--color_jitter_strength={s}'], (H,))
+              for s in (0.0, 0.25, 0.5, 1.0)],
+    'augment': [('augment_' + a.replace(',', '_'), [f'--augmentations={a}'], (H,))
+                for a in ('crop,flip,color', 'crop,flip', 'color')],
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--data', required=True, help='cifar10-jpg.tar.gz or its extracted folder')
     parser.add_argument('--work', default='/tmp/simclr_study')
-    parser.add_argument('--stages', default='pretrain,curve,probe,augment')
-    parser.add_argument('--augment_steps', type=int, default=195,
-                        help='pretraining steps of each augmentation run (195: half an epoch)')
-    parser.add_argument('--augment_probe_split', default='train[:10000]',
-                        help='train split the augmentation arms are probed with')
+    parser.add_argument('--stages', default='pretrain,curve,probe,' + ','.join(ABLATIONS))
+    parser.add_argument('--flagfile', default='flags/cifar10_study.cfg',
+                        help='the study recipe every run starts from (arms add their flags)')
+    parser.add_argument('--arm_steps', type=int, default=390,
+                        help='pretraining steps of each ablation arm (390: one epoch at batch 128)')
+    parser.add_argument('--arm_probe_split', default='train[:10000]',
+                        help='train split the ablation arms are probed with')
     parser.add_argument('--out', default=os.path.join(REPO, 'bench', 'results',
                                                       'cifar10_study.json'))
     args = parser.parse_args()
+    unknown = set(args.stages.split(',')) - {'pretrain', 'curve', 'probe', *ABLATIONS}
+    if unknown:
+        parser.error(f'unknown stages: {", ".join(sorted(unknown))}')
     os.makedirs(args.work, exist_ok=True)
     data = dataset_folder(args.data, args.work)
-    record = json.load(open(args.out)) if os.path.exists(args.out) else {}
-
-    def step(name: str, argv: list[str], result_file: str = None) -> None:
-        command = ' '.join(map(shlex.quote, argv))
-        print(f'== {name}: {command}', flush=True)
-        t0 = time.time()
-        proc = subprocess.run(argv, cwd=REPO, text=True, stdout=subprocess.PIPE)
-        if proc.returncode:
-            sys.exit(f'{name} failed (exit {proc.returncode}): {command}')
-        entry = {'command': command.replace(data, '<cifar10>').replace(args.work, '<work>'),
-                 'wall_minutes': round((time.time() - t0) / 60, 2)}
-        if result_file:
-            entry['result'] = json.load(open(result_file))
-        record[name] = entry
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, 'w') as f:
-            json.dump(record, f, indent=2, sort_keys=True)
-        print(json.dumps(entry), flush=True)
-
+    study = Study(args.out, data, args.work)
     python = sys.executable
+    run = [python, 'run.py', f'--flagfile={args.flagfile}', f'--dataset={data}']
+    probe = [python, '-m', 'simclr_tf.probe', f'--dataset={data}']
     simclr_dir = os.path.join(args.work, 'simclr')
-    run = [python, 'run.py', '--flagfile=flags/cifar10_study.cfg', f'--dataset={data}']
     stages = args.stages.split(',')
     if 'pretrain' in stages:
-        step('pretrain', run + [f'--model_dir={simclr_dir}'],
-             os.path.join(simclr_dir, 'result.json'))
+        study.step('pretrain', run + [f'--model_dir={simclr_dir}'],
+                   os.path.join(simclr_dir, 'result.json'))
     if 'curve' in stages:
-        step('curve', run + [f'--model_dir={simclr_dir}', '--mode=eval'])
-        record['curve']['results'] = sorted(
-            (json.load(open(os.path.join(simclr_dir, f))) for f in os.listdir(simclr_dir)
-             if f.startswith('result_')), key=lambda r: r['global_step'])
+        study.step('curve', run + [f'--model_dir={simclr_dir}', '--mode=eval'],
+                   collect=lambda: sorted(
+                       (json.load(open(os.path.join(simclr_dir, f))) for f in os.listdir(simclr_dir)
+                        if f.startswith('result_')), key=lambda r: r['global_step']))
     if 'probe' in stages:
-        probe = [python, '-m', 'simclr_tf.probe', f'--dataset={data}']
         for name, extra in (('probe_simclr', [f'--model={simclr_dir}']),
                             ('probe_random_init', [f'--model={simclr_dir}', '--random_init']),
                             ('probe_pixels', ['--pixels', '--image_size=32'])):
             out = os.path.join(args.work, f'{name}.json')
-            step(name, probe + extra + [f'--out={out}'], out)
-    if 'augment' in stages:
-        for augmentations in AUGMENTATION_SETS:
-            name = 'augment_' + augmentations.replace(',', '_')
+            study.step(name, probe + extra + [f'--out={out}'], out)
+    for stage, arms in ABLATIONS.items():
+        if stage not in stages:
+            continue
+        for name, extra, outputs in arms:
             model_dir = os.path.join(args.work, name)
-            step(name, run + [f'--model_dir={model_dir}', f'--augmentations={augmentations}',
-                              f'--train_steps={args.augment_steps}', '--mode=train'])
-            out = os.path.join(args.work, f'probe_{name}.json')
-            step('probe_' + name, [python, '-m', 'simclr_tf.probe', f'--dataset={data}',
-                                   f'--model={model_dir}', f'--out={out}',
-                                   f'--train_split={args.augment_probe_split}'], out)
-    with open(args.out, 'w') as f:
-        json.dump(record, f, indent=2, sort_keys=True)
+            study.step(name, run + [f'--model_dir={model_dir}', f'--train_steps={args.arm_steps}',
+                                    '--mode=train', *extra])
+            for output in outputs:
+                probe_name = f'probe_{name}' + ('' if output == H else '_z')
+                out = os.path.join(args.work, f'{probe_name}.json')
+                study.step(probe_name, probe + [f'--model={model_dir}', f'--output={output}',
+                                                f'--train_split={args.arm_probe_split}',
+                                                f'--out={out}'], out)
+
+
+class Study:
+    """The record file: one entry per step (command, wall time, result), written after each."""
+
+    def __init__(self, path: str, data: str, work: str):
+        self.path, self.data, self.work = path, data, work
+        self.record = json.load(open(path)) if os.path.exists(path) else {}
+
+    def step(self, name: str, argv: list[str], result_file: str = None, collect=None) -> None:
+        """Runs `argv` unless the record already holds its result for this very command."""
+        command = ' '.join(map(shlex.quote, argv))
+        shown = command.replace(self.data, '<cifar10>').replace(self.work, '<work>')
+        done = self.record.get(name, {})
+        if done.get('command') == shown and ('result' in done or 'results' in done):
+            print(f'== {name}: done, skipped', flush=True)
+            return
+        print(f'== {name}: {command}', flush=True)
+        t0 = time.time()
+        proc = subprocess.run(argv, cwd=REPO, text=True, stdout=subprocess.PIPE)
+        if proc.returncode:
+            sys.exit(f'{name} failed (exit {proc.returncode}): {command}\n'
+                     'Rerun the same command to resume.')
+        entry = {'command': shown, 'wall_minutes': round((time.time() - t0) / 60, 2)}
+        if result_file:
+            entry['result'] = json.load(open(result_file))
+        if collect:
+            entry['results'] = collect()
+        if not (result_file or collect):
+            entry['result'] = {'exit': 0}  # a training step: done when it exits 0
+        self.record[name] = entry
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path + '.tmp', 'w') as f:  # never a half-written record
+            json.dump(self.record, f, indent=2, sort_keys=True)
+        os.replace(self.path + '.tmp', self.path)
+        print(json.dumps(entry), flush=True)
 
 
 def dataset_folder(path: str, work: str) -> str:

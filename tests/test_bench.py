@@ -1,5 +1,6 @@
 """The measuring parts of bench/: FLOP accounting and the profile reader."""
 
+import json
 import os
 import sys
 
@@ -29,3 +30,31 @@ def test_op_times_reads_the_ops_of_a_profiled_function(tmp_path):
     types = {name.rsplit(':', 1)[1] for name in profile_step.op_times(str(tmp_path))}
     assert any(t.endswith('Conv2D') for t in types)  # Conv2D, or oneDNN's _MklNativeConv2D
     assert not any('::' in t or t == 'Run' for t in types)  # runtime events are not ops
+
+
+def test_study_step_records_once_and_a_rerun_skips_what_is_done(tmp_path):
+    import cifar10_study
+    record, out, count = tmp_path / 'study.json', tmp_path / 'r.json', tmp_path / 'count'
+    script = (f'import json, pathlib; c = pathlib.Path({str(count)!r}); '
+              f'c.write_text(c.read_text() + "x" if c.exists() else "x"); '
+              f'json.dump({{"top_1": 0.5}}, open({str(out)!r}, "w"))')
+    argv = [sys.executable, '-c', script]
+    cifar10_study.Study(str(record), '/data', str(tmp_path)).step('arm', argv, str(out))
+    again = cifar10_study.Study(str(record), '/data', str(tmp_path))  # a rerun of the driver
+    again.step('arm', argv, str(out))
+    assert count.read_text() == 'x'  # ran once
+    assert json.loads(record.read_text())['arm']['result'] == {'top_1': 0.5}
+    again.step('arm', argv + ['--changed'], str(out))  # another command is not the same step
+    assert count.read_text() == 'xx'
+
+
+def test_program_runs_reads_progress_lines_after_the_first():
+    import program_runs
+    log = ('I1123 train.py:241] step 20/60 | loss 1.0 | 66.8 img/s | ETA 00:01:54\n'
+           'I1123 train.py:241] step 40/60 | loss 1.0 | 168.0 img/s | ETA 00:00:53\n'
+           'I1123 train.py:241] step 60/60 | loss 1.0 | 138.6 img/s | ETA 00:00:00\n')
+    assert program_runs.loop_rates(log) == [168.0, 138.6]
+    from simclr_tf.config import Config
+    lines = program_runs.flag_lines(Config(seed=3, model_dir='/x'), train_steps=7)
+    assert '--train_steps=7' in lines and not any(
+        line.startswith(('--seed', '--model_dir', '--checkpoint=')) for line in lines)
