@@ -32,6 +32,9 @@ flags.DEFINE_integer('bench_steps', 4, 'Training steps per timed window.')
 flags.DEFINE_integer('bench_windows', 2, 'Timed windows of each kind (median reported).')
 flags.DEFINE_integer('bench_warmup_steps', 2, 'Untimed steps of each kind first (compile).')
 flags.DEFINE_string('extract', None, 'tar.gz to extract into --dataset first if it is missing.')
+flags.DEFINE_integer('program_steps', 0, 'Also run run.py itself for this many steps, seeded and '
+                     'unseeded (bench/program_runs.py); 0: skip.')
+flags.DEFINE_integer('program_rounds', 2, 'Alternating seeded/unseeded run.py runs of each kind.')
 FLAGS = flags.FLAGS
 
 
@@ -46,7 +49,13 @@ def main(argv) -> None:
         with tarfile.open(FLAGS.extract) as tar:
             tar.extractall(os.path.dirname(FLAGS.dataset.rstrip('/')) or '.', filter='data')
     model_dir = FLAGS.model_dir or tempfile.mkdtemp(prefix='simclr_bench_')
-    config = run.config_from_flags().replace(model_dir=model_dir, mode='train')
+    config = run.config_from_flags().replace(model_dir=model_dir)
+    program = None
+    if FLAGS.program_steps:  # before this process builds a model, so the runs have the machine
+        import program_runs
+        program = program_runs.compare_seeding(config, FLAGS.program_steps, FLAGS.bench_steps,
+                                               FLAGS.program_rounds)
+    config = config.replace(mode='train')
     step = training_step.build(config)
     loop, synthetic = step.loop, step.synthetic
     real = iter(data.build_distributed_dataset(step.strategy, config, True))
@@ -77,6 +86,7 @@ def main(argv) -> None:
         'onednn': _onednn_enabled(),
         'threads': {'inter_op': config.inter_op_threads, 'intra_op': config.intra_op_threads},
         'config': {k: getattr(config, k) for k in keys},
+        'seed': config.seed, 'program': program,
         'command': 'python ' + ' '.join(map(shlex.quote, sys.argv)),
     }))
 
