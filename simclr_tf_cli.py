@@ -195,7 +195,8 @@ def cli() -> None:
     """The program: `python run.py`, the `simclr-tf` command, `python -m simclr_tf_cli`."""
     for flag in FLAGS.get_key_flags_for_module(__name__):  # --help lists them, whatever the script
         FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    from simclr_tf import logs  # after flag parsing, before anything imports TensorFlow:
+    from simclr_tf import logs
+    # After flag parsing (--verbosity), before anything imports TensorFlow.
     app.call_after_init(lambda: logs.setup(FLAGS.verbosity))
     app.run(main)
 
