@@ -94,8 +94,9 @@ def test_export_directory_holds_only_the_step(exported):
 
 FRESH_PROCESS = textwrap.dedent('''
     import sys
-    sys.modules['simclr_tf'] = None  # unimportable, even where it is installed: loading must not
-    import numpy as np               # need it
+    # simclr_tf unimportable, even where it is installed: loading must not need it.
+    sys.modules['simclr_tf'] = None
+    import numpy as np
     import tensorflow as tf
     path, inputs, outputs = sys.argv[1:]
     m = tf.saved_model.load(path)
