@@ -14,7 +14,9 @@ moving averages updated). The call also takes Keras' `training=` in place of `tr
 `variables`, `trainable_variables` (those the trained model had, so `hub.KerasLayer(path,
 trainable=True)` fine-tunes the encoder) and `regularization_losses`, and a `serving_default`
 signature (inference mode) returns the same named outputs for TF Serving and
-`keras.layers.TFSMLayer`.
+`keras.layers.TFSMLayer`. Two more endpoints serve Keras 3, `call_inference` and `call_training`
+(`images` -> the output dict, in inference or training mode), for `TFSMLayer`'s `call_endpoint`
+and `call_training_endpoint`; `examples/finetune_keras3.py` fine-tunes an export with `model.fit`.
 
 `regularization_losses` holds one callable: the L2 weight decay as the training code adds it
 to the loss for a non-LARS optimizer (`optim.weight_decay_loss`: `weight_decay` × Σ ||w||²/2 over
@@ -134,11 +136,18 @@ def build_hub_module(model: keras.Model, config: Config
                                           input_signature=[]))
     module.regularization_losses = regularization
 
-    # A tf.function (not a concrete function), so saving traces it in its save context, which a
+    # tf.functions (not concrete functions), so saving traces them in its save context, which a
     # model built under a distribution strategy needs.
-    serve = tf.function(lambda images: call(images, trainable=False),
-                        input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32,
-                                                       name='images')])
+    spec = [tf.TensorSpec([None, None, None, 3], tf.float32, name='images')]
+    serve = tf.function(lambda images: call(images, trainable=False), input_signature=spec)
+    # Keras 3 endpoints, under the names Keras' own export gives them: `keras.layers.TFSMLayer(
+    # path, call_endpoint='call_inference', call_training_endpoint='call_training')` runs BN on
+    # batch statistics in `fit` and on the moving averages in `predict` (`serving_default` alone
+    # would serve both in inference mode).
+    module.call_inference = tf.function(lambda images: call(images, trainable=False),
+                                        input_signature=spec)
+    module.call_training = tf.function(lambda images: call(images, trainable=True),
+                                       input_signature=spec)
     return module, serve
 
 

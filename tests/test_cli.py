@@ -1,0 +1,153 @@
+"""The program as users meet it: `pip install .` gives an importable package and its commands;
+a run prints its own lines and real warnings, and TensorFlow's chatter only on request."""
+
+import importlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from absl import logging as absl_logging
+
+from simclr_tf import logs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMANDS = {'simclr-tf': 'simclr_tf_cli:cli', 'simclr-tf-probe': 'simclr_tf.probe:_main',
+            'simclr-tf-augment': 'simclr_tf.augment:_main'}
+# What a CPU-only run printed before (C++ start-up notices, checkpoint and export INFO lines).
+CHATTER = ['absl::InitializeLog', 'cudart_stub', 'Could not find cuda drivers', 'cuInit',
+           'oneDNN custom operations', 'cpu_feature_guard', 'Sharding callback duration',
+           'contains input name(s)', 'Assets written to', 'Writing fingerprint']
+
+
+def test_quickstart_prints_its_own_lines_and_no_tensorflow_chatter(tmp_path):
+    """The README's quickstart command, cut to two steps, from a shell where the user set no
+    TensorFlow logging variable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith('TF_CPP_')}
+    run = subprocess.run(
+        [sys.executable, 'run.py', '--flagfile=flags/quickstart.cfg', f'--model_dir={tmp_path}',
+         '--train_steps=2', '--checkpoint_steps=1', '--eval_steps=1', '--knn_train_examples=100'],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for chatter in CHATTER:
+        assert chatter not in run.stdout + run.stderr, chatter
+    for own in ('data/cifar10_sample: 1000 train / 200 eval examples', 'started from scratch',
+                'step 1/2 |', 'step 2/2 |', 'eval at step 2:',
+                f'exported SavedModel to {tmp_path}/saved_model/2'):
+        assert own in run.stderr, own
+    assert 'step 2: linear head top-1' in run.stdout
+    assert f'SavedModel: {tmp_path}/saved_model/2' in run.stdout
+    # Every INFO line is the program's own (warnings would show, from any library).
+    ours = {name for name in os.listdir(os.path.join(REPO, 'simclr_tf')) if name.endswith('.py')}
+    sources = {m.group(1) for m in re.finditer(r'^I\d{4} [\d:.]+ +\d+ (\S+):\d+\]', run.stderr,
+                                               re.MULTILINE)}
+    assert sources and sources <= ours, sources - ours
+
+
+def test_notices_are_dropped_and_everything_else_kept():
+    lines = [
+        'WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n',
+        'I0000 00:00:17.2 5537 port.cc:153] oneDNN custom operations are on. You may see ...\n',
+        'I0000 00:00:17.2 5537 cudart_stub.cc:31] Could not find cuda drivers on your machine, '
+        'GPU will not be used.\n',
+        'E0000 00:00:17.3 5537 cuda_platform.cc:52] failed call to cuInit: INTERNAL: ...\n',
+        'I0000 00:00:17.4 5537 cpu_feature_guard.cc:227] This TensorFlow binary is optimized ...\n',
+        'To enable the following instructions: AVX2 FMA, in other operations, rebuild ...\n',
+        'W0000 00:00:17.5 5537 allocator.cc:1] Allocation of 1 exceeds 10% of free memory.\n',
+        'UserWarning: something real\n']
+    assert logs._drop_notices(lines) == lines[-2:]
+    # With a CUDA driver installed, a failing cuInit is a real error: it stays.
+    assert logs._drop_notices(lines[3:4]) == lines[3:4]
+
+
+def test_stderr_filter_sees_what_cpp_code_writes(capfd):
+    """C++ logging writes to file descriptor 2 directly, past sys.stderr."""
+    with logs._filtered_stderr(lambda lines: [line for line in lines if 'drop' not in line]):
+        os.write(2, b'keep 1\ndrop this\nkeep 2\n')
+    assert capfd.readouterr().err == 'keep 1\nkeep 2\n'
+
+
+@pytest.fixture
+def absl_handler_filters():
+    handler = absl_logging.get_absl_handler()
+    before = list(handler.filters)
+    yield handler
+    handler.filters[:] = before
+
+
+@pytest.mark.parametrize('env, verbosity, level, filtered', [
+    ({}, 0, '2', True),              # default: quiet
+    ({}, 1, '0', False),             # --verbosity=1: everything
+    ({'TF_CPP_MIN_LOG_LEVEL': '1'}, 0, '1', True),  # the user's level wins; no fd filter
+])
+def test_loud_on_request(monkeypatch, absl_handler_filters, env, verbosity, level, filtered):
+    monkeypatch.delenv('TF_CPP_MIN_LOG_LEVEL', raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    used = []
+    monkeypatch.setattr(logs, '_filtered_stderr', lambda keep: used.append(1) or _nothing())
+    logs.setup(verbosity)
+    assert os.environ['TF_CPP_MIN_LOG_LEVEL'] == level
+    assert bool(used) == (filtered and not env)
+    # An INFO record that TensorFlow's code logs, and a warning: only the warning always passes.
+    tensorflow_file = os.path.join(os.path.dirname(importlib.util.find_spec('tensorflow').origin),
+                                   'python', 'x.py')
+    info, warning = (logging.LogRecord('absl', level, tensorflow_file, 1, 'chatter', None, None)
+                     for level in (logging.INFO, logging.WARNING))
+    assert all(f.filter(info) for f in absl_handler_filters.filters) == (not filtered)
+    assert all(f.filter(warning) for f in absl_handler_filters.filters)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_pip_install_gives_the_package_and_commands_outside_the_checkout(tmp_path):
+    """Builds the wheel from the files `pip install .` uses, installs it into a directory, and
+    imports and runs it from elsewhere, with the checkout off the path."""
+    source = tmp_path / 'source'
+    source.mkdir()
+    for name in ('pyproject.toml', 'requirements.txt', 'README.md', 'simclr_tf_cli.py'):
+        shutil.copy(os.path.join(REPO, name), source / name)
+    shutil.copytree(os.path.join(REPO, 'simclr_tf'), source / 'simclr_tf',
+                    ignore=shutil.ignore_patterns('__pycache__'))
+    isolation = [] if importlib.util.find_spec('setuptools') is None else ['--no-build-isolation']
+    pip = [sys.executable, '-m', 'pip', '-q']
+    subprocess.run([*pip, 'wheel', '--no-deps', *isolation, '-w', str(tmp_path / 'dist'),
+                    str(source)], check=True, capture_output=True, timeout=600)
+    [wheel] = os.listdir(tmp_path / 'dist')
+    with zipfile.ZipFile(tmp_path / 'dist' / wheel) as archive:
+        names = archive.namelist()
+        [entry_points] = [n for n in names if n.endswith('.dist-info/entry_points.txt')]
+        scripts = archive.read(entry_points).decode()
+    assert 'simclr_tf_cli.py' in names and 'simclr_tf/export.py' in names
+    assert not [n for n in names if n.startswith(('tests/', 'bench/', 'run.py'))]
+    for command, target in COMMANDS.items():
+        assert re.search(rf'^{command} = {re.escape(target)}$', scripts, re.MULTILINE), command
+
+    site = tmp_path / 'site'
+    subprocess.run([*pip, 'install', '--no-deps', '--no-index', '--target', str(site),
+                    str(tmp_path / 'dist' / wheel)], check=True, capture_output=True, timeout=600)
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    env['PYTHONPATH'] = str(site)
+    where = subprocess.run(
+        [sys.executable, '-c', 'import simclr_tf.config, simclr_tf_cli; '
+         'print(simclr_tf.config.__file__); print(simclr_tf_cli.__file__)'],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert where.returncode == 0, where.stderr
+    assert all(line.startswith(str(site)) for line in where.stdout.split()), where.stdout
+    helpfull = subprocess.run([str(site / 'bin' / 'simclr-tf'), '--helpfull'], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=120)
+    assert '--train_mode' in helpfull.stdout and '--flagfile' in helpfull.stdout, helpfull.stderr
+    for target in COMMANDS.values():  # the tools' functions exist (run as `python -m` here)
+        module, function = target.split(':')
+        assert callable(getattr(importlib.import_module(module), function))
