@@ -10,6 +10,7 @@ from typing import Optional
 
 import tensorflow as tf
 
+from simclr_tf import authors
 from simclr_tf.config import Config, ConfigError
 
 
@@ -62,9 +63,16 @@ class Checkpointer:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
             return f'resumed from {latest}'
         if self.config.checkpoint:
-            source = resolve_checkpoint(self.config.checkpoint)
-            restored = restore_matching(model, source, self.config.variable_schema)
+            theirs = authors.open_source(self.config.checkpoint)
+            if theirs is not None:  # the authors' TF2 checkpoint or SavedModel (their model zoo)
+                source = f"the authors' {theirs.kind} {theirs.path}"
+                restored, notes = authors.restore(model, self.config, theirs,
+                                                  self.config.variable_schema)
+            else:
+                source = resolve_checkpoint(self.config.checkpoint)
+                restored, notes = restore_matching(model, source, self.config.variable_schema), []
             message = f'initialised {len(restored)} variables from {source}'
+            message += ''.join(f'; {note}' for note in notes)
             if self.config.zero_init_logits_layer and model.supervised_head is not None:
                 for v in model.supervised_head.trainable_variables:
                     v.assign(tf.zeros_like(v))

@@ -1,0 +1,164 @@
+"""The authors' model zoo: their checkpoints and SavedModels, with exactly the keys, names and
+order their code writes (../shared/authors_layouts, made by running it), give this model the
+outputs their export gives, through --checkpoint and through the converter; bad layouts fail
+with messages that name what is wrong."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simclr_tf import authors, convert
+from simclr_tf.checkpoint import Checkpointer
+from simclr_tf.config import Config
+from simclr_tf.model import build_model
+
+LAYOUTS = os.environ.get('SIMCLR_AUTHORS_LAYOUTS', '/work/shared/authors_layouts')
+NAMES = ('r18_cifar', 'r50_1x_sk0_pretrain', 'r50_1x_sk0_finetune', 'r50_2x_sk1_pretrain')
+NUM_CLASSES = 10
+
+
+def fixture_of(name: str) -> dict:
+    with open(os.path.join(LAYOUTS, f'{name}.json')) as f:
+        return json.load(f)
+
+
+def value_of(key: str, shape: list, k: int) -> np.ndarray:
+    """The fixture's formula for the variable of rank k in checkpoint_keys."""
+    n = int(np.prod(shape)) if shape else 1
+    base = np.sin(0.37 * (k + 1) + 0.011 * np.arange(n)).reshape(shape)
+    leaf = key.split('/.ATTRIBUTES')[0].split('/')[-1]
+    if len(shape) >= 2:
+        value = base / np.sqrt(np.prod(shape[:-1]))
+    elif leaf == 'gamma':
+        value = 1 + 0.1 * base
+    elif leaf == 'moving_variance':
+        value = 1 + 0.5 * np.abs(base)
+    else:
+        value = 0.1 * base
+    return value.astype(np.float32)
+
+
+def input_of(fixture: dict) -> np.ndarray:
+    s = fixture['image_size']
+    return (0.5 + 0.5 * np.sin(0.001 * np.arange(2 * s * s * 3))).reshape(2, s, s, 3).astype(
+        np.float32)
+
+
+def config_of(fixture: dict, **changes) -> Config:
+    """The fixture's flags as a Config of this project."""
+    flags = dict(f[2:].split('=', 1) for f in fixture['flags'])
+    config = Config(
+        resnet_depth=int(flags['resnet_depth']), image_size=int(flags['image_size']),
+        width_multiplier=float(flags.get('width_multiplier', 1)),
+        sk_ratio=float(flags.get('sk_ratio', 0)), train_mode=flags['train_mode'],
+        lineareval_while_pretraining=flags.get('lineareval_while_pretraining') == 'True',
+        fine_tune_after_block=int(flags.get('fine_tune_after_block', -1)), use_tpu=False)
+    return config.replace(**changes)
+
+
+def write_checkpoint(fixture: dict, prefix: str, extra: bool = True,
+                     change=lambda key, value: value) -> str:
+    """A checkpoint with exactly the fixture's keys and values (plus, with `extra`, a counter and
+    optimizer slots as a real one has), written by key with SaveV2 (no object graph)."""
+    names, tensors = [], []
+    for k, (key, shape) in enumerate(fixture['checkpoint_keys']):
+        value = change(key, value_of(key, shape, k))
+        if value is None:
+            continue
+        names.append(key)
+        tensors.append(value)
+        if extra and len(shape) >= 2:
+            names.append(key.replace('/.ATTRIBUTES/', '/.OPTIMIZER_SLOT/optimizer/momentum/'
+                                     '.ATTRIBUTES/'))
+            tensors.append(np.zeros(shape, np.float32))
+    if extra:
+        names += ['global_step/.ATTRIBUTES/VARIABLE_VALUE', 'save_counter/.ATTRIBUTES/VARIABLE_VALUE']
+        tensors += [np.int64(12345), np.int64(3)]
+    tf.io.gfile.makedirs(os.path.dirname(prefix))
+    tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[''] * len(names),
+                      tensors=tensors)
+    return prefix
+
+
+def write_saved_model(fixture: dict, path: str) -> str:
+    """A SavedModel whose variables bundle has the authors' structure: `model/<part>/variables`
+    lists in their order, with their variable names, and `trainable_variables_list`."""
+    keys = fixture['checkpoint_keys']
+    made = {}
+    for name, shape, k in fixture['saved_model_variables']:
+        made[name] = tf.Variable(value_of(keys[k][0], shape, k), name=name.split(':')[0],
+                                 trainable=name in fixture['saved_model_trainable_variables_list'])
+    # Their bundle: each part's variables list (the loaded listing of one part is its order).
+    root, model = tf.__internal__.tracking.AutoTrackable(), tf.__internal__.tracking.AutoTrackable()
+    for part in authors.PARTS:
+        listed = [made[name] for name, _, k in fixture['saved_model_variables']
+                  if keys[k][0].startswith(f'model/{part}/')]
+        if listed:
+            holder = tf.__internal__.tracking.AutoTrackable()
+            holder.variables = listed
+            setattr(model, part, holder)
+    root.model = model
+    root.trainable_variables_list = [made[n] for n in fixture['saved_model_trainable_variables_list']]
+    tf.saved_model.save(root, path)
+    return path
+
+
+def assert_outputs(outputs: dict, expected: dict) -> None:
+    """Every output the fixture keeps, within 1e-4 relative: sums relative to the sum of absolute
+    values (block outputs are ReLU'd, initial_conv has both signs), values relative to the
+    largest value."""
+    for name, want in expected.items():
+        got = np.asarray(outputs[name], np.float64)
+        assert list(got.shape) == want['shape'], name
+        scale = want['abs_sum']
+        assert abs(got.sum() - want['sum']) <= 1e-4 * scale, (name, got.sum(), want['sum'])
+        assert abs(np.abs(got).sum() - scale) <= 1e-4 * scale, (name, np.abs(got).sum(), scale)
+        if 'values' in want:
+            values = np.asarray(want['values']).reshape(want['shape'])
+            np.testing.assert_allclose(got, values, rtol=1e-4,
+                                       atol=1e-4 * np.abs(values).max(), err_msg=name)
+
+
+@pytest.fixture(scope='module', params=NAMES)
+def case(request, tmp_path_factory):
+    """One fixture, its checkpoint and SavedModel, and this project's model for it (built once)."""
+    fixture = fixture_of(request.param)
+    tmp = tmp_path_factory.mktemp(request.param)
+    prefix = write_checkpoint(fixture, str(tmp / 'theirs' / 'ckpt-1'))
+    saved = write_saved_model(fixture, str(tmp / 'theirs_export' / 'saved_model' / '1'))
+    config = config_of(fixture)
+    model = build_model(config, NUM_CLASSES)
+    return dict(name=request.param, fixture=fixture, prefix=prefix, saved=saved, config=config,
+                model=model, tmp=tmp)
+
+
+def scramble(model: keras.Model) -> None:
+    for v in model.variables:
+        v.assign(tf.fill(v.shape, tf.constant(0.5, v.dtype)))
+
+
+def import_through_checkpointer(case: dict, source: str, global_bn: bool = True) -> str:
+    """--checkpoint=<source> as a fine-tuning run's start (Checkpointer.restore)."""
+    model = case['model']
+    scramble(model)
+    model_dir = str(case['tmp'] / f'run_{len(os.listdir(case["tmp"]))}')
+    config = case['config'].replace(checkpoint=source, model_dir=model_dir, global_bn=global_bn)
+    optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+    optimizer.build(model.trainable_variables)
+    message = Checkpointer(config, model, optimizer).restore(model)
+    assert int(optimizer.iterations.numpy()) == 0  # a fine-tuning run starts at step 0
+    return message
+
+
+@pytest.mark.parametrize('kind', ['checkpoint', 'saved_model'])
+def test_authors_source_through_checkpoint_flag_gives_their_outputs(case, kind):
+    source = case['prefix'] if kind == 'checkpoint' else os.path.dirname(case['saved'])
+    message = import_through_checkpointer(case, source)
+    n = len(case['fixture']['checkpoint_keys'])
+    assert f'initialised {n} variables' in message, message
+    outputs = case['model'](input_of(case['fixture']), training=False)
+    assert_outputs(outputs, case['fixture']['expected_trainable_false'])
