@@ -26,6 +26,25 @@ def resolve_checkpoint(path: str) -> str:
     return path
 
 
+def optimizer_state(optimizer: tf.Module) -> tf.Module:
+    """The optimizer's own variables (step, slots), as `optimizer/variables/<i>`.
+
+    Checkpointing the Keras optimizer itself would key every trainable weight
+    `optimizer/_trainable_variables/<i>` (its list of them is the shortest path to each), leaving
+    `model/...` keys only to BN statistics. Without that list, every model variable is keyed by
+    its place in the model: `model/encoder/stem/conv_0/_kernel`, `model/projection_head/...`,
+    `model/supervised_head/...`.
+    """
+    state = tf.__internal__.tracking.AutoTrackable()
+    state.variables = list(optimizer.variables)
+    return state
+
+
+def is_legacy(path: str) -> bool:
+    """A checkpoint of this project written before model variables were keyed by name."""
+    return any(k.startswith('optimizer/_iterations/') for k, _ in tf.train.list_variables(path))
+
+
 class Checkpointer:
     """Model, optimizer (and so the global step, `optimizer.iterations`) in `model_dir`.
 
@@ -37,7 +56,8 @@ class Checkpointer:
     def __init__(self, config: Config, model: tf.Module, optimizer: tf.Module, chief: bool = True,
                  task_id: int = 0):
         self.config = config
-        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer_state(optimizer))
+        self._legacy = tf.train.Checkpoint(model=model, optimizer=optimizer)  # reads older ones
         self._scratch = None
         directory = config.model_dir
         if not chief:
@@ -60,7 +80,8 @@ class Checkpointer:
         """Resumes from `model_dir`, else starts from `config.checkpoint`; says which it did."""
         latest = self.latest
         if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            checkpoint = self._legacy if is_legacy(latest) else self.checkpoint
+            checkpoint.restore(latest).assert_existing_objects_matched()
             return f'resumed from {latest}'
         if self.config.checkpoint:
             theirs = authors.open_source(self.config.checkpoint)

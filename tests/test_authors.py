@@ -162,3 +162,125 @@ def test_authors_source_through_checkpoint_flag_gives_their_outputs(case, kind):
     assert f'initialised {n} variables' in message, message
     outputs = case['model'](input_of(case['fixture']), training=False)
     assert_outputs(outputs, case['fixture']['expected_trainable_false'])
+
+
+def test_converter_writes_a_checkpoint_and_export_with_their_outputs(case, capsys):
+    out = str(case['tmp'] / 'converted')
+    assert convert.main([f'--source={case["prefix"]}', f'--out={out}']) == 0
+    printed = capsys.readouterr().out
+    config = case['config']
+    assert f'ResNet-{config.resnet_depth} {config.width_multiplier:g}x' in printed
+    assert f'--sk_ratio={config.sk_ratio:g}' in printed
+    fixture = case['fixture']
+    loaded = tf.saved_model.load(os.path.join(out, 'saved_model', '12345'))
+    assert_outputs(loaded(input_of(fixture), trainable=False), fixture['expected_trainable_false'])
+    assert len(loaded.trainable_variables) > 0  # fine-tunable, unlike their export
+    # This project's checkpoint, by name (and loadable through --checkpoint).
+    keys = [k for k, _ in tf.train.list_variables(tf.train.latest_checkpoint(out))]
+    assert 'model/encoder/stem/conv_0/_kernel/.ATTRIBUTES/VARIABLE_VALUE' in keys
+    message = import_through_checkpointer(case, out)
+    assert f'initialised {len(fixture["checkpoint_keys"])} variables' in message
+    assert_outputs(case['model'](input_of(fixture), training=False),
+                   fixture['expected_trainable_false'])
+
+
+# ---------------------------------------------------------------- one configuration, more paths
+@pytest.fixture(scope='module')
+def r18(tmp_path_factory):
+    fixture = fixture_of('r18_cifar')
+    tmp = tmp_path_factory.mktemp('r18_more')
+    return dict(fixture=fixture, tmp=tmp, prefix=write_checkpoint(fixture, str(tmp / 'ckpt-1')),
+                saved=write_saved_model(fixture, str(tmp / 'export' / 'saved_model' / '7')))
+
+
+def test_converter_reads_their_saved_model(r18, capsys):
+    out = str(r18['tmp'] / 'from_saved_model')
+    assert convert.main([f'--source={os.path.dirname(r18["saved"])}', f'--out={out}']) == 0
+    assert 'ResNet-18 1x' in capsys.readouterr().out
+    loaded = tf.saved_model.load(os.path.join(out, 'saved_model', '7'))
+    assert_outputs(loaded(input_of(r18['fixture']), trainable=False),
+                   r18['fixture']['expected_trainable_false'])
+
+
+def test_statistics_land_in_plain_batch_norm_too(r18):
+    """Their sync-BN statistics, imported by a run with global_bn=False."""
+    config = config_of(r18['fixture'], global_bn=False, checkpoint=r18['prefix'],
+                       model_dir=str(r18['tmp'] / 'plain_bn'))
+    model = build_model(config, NUM_CLASSES)
+    assert not any(getattr(l, 'synchronized', False) for l in model._flatten_layers())
+    optimizer = keras.optimizers.SGD(0.1)
+    optimizer.build(model.trainable_variables)
+    Checkpointer(config, model, optimizer).restore(model)
+    assert_outputs(model(input_of(r18['fixture']), training=False),
+                   r18['fixture']['expected_trainable_false'])
+
+
+def test_variable_schema_and_zero_init_logits_keep_their_meaning(r18):
+    config = config_of(r18['fixture'], checkpoint=r18['prefix'], zero_init_logits_layer=True,
+                       variable_schema='(?!head_contrastive)', model_dir=str(r18['tmp'] / 'schema'))
+    model = build_model(config, NUM_CLASSES)
+    before = {v.path: v.numpy() for v in model.projection_head.variables}
+    optimizer = keras.optimizers.SGD(0.1)
+    optimizer.build(model.trainable_variables)
+    message = Checkpointer(config, model, optimizer).restore(model)
+    assert 'supervised head zero-initialised' in message
+    assert all(np.array_equal(v.numpy(), before[v.path]) for v in model.projection_head.variables)
+    assert all(not np.any(v.numpy()) for v in model.supervised_head.trainable_variables)
+    outputs = model(input_of(r18['fixture']), training=False)
+    expected = r18['fixture']['expected_trainable_false']
+    assert_outputs({'final_avg_pool': outputs['final_avg_pool']},
+                   {'final_avg_pool': expected['final_avg_pool']})
+
+
+# ---------------------------------------------------------------- failures
+def converter_error(source: str, out: str, capsys) -> str:
+    assert convert.main([f'--source={source}', f'--out={out}']) == 1
+    assert not os.path.exists(out)  # nothing written
+    return capsys.readouterr().err
+
+
+def test_truncated_layout_names_the_missing_variables(r18, capsys):
+    gone = 'model/resnet_model/block_groups/3/layers/1/conv2d_bn_layers/3/bn/moving_variance'
+    prefix = write_checkpoint(r18['fixture'], str(r18['tmp'] / 'truncated' / 'ckpt-1'),
+                              change=lambda key, v: None if key.startswith(gone) else v)
+    err = converter_error(prefix, str(r18['tmp'] / 'out_truncated'), capsys)
+    assert '1 variables missing' in err and gone in err, err
+
+
+def test_truncated_saved_model_is_refused(r18, capsys):
+    fixture = dict(r18['fixture'])
+    keys = fixture['checkpoint_keys']
+    # Their export without the last block: the list no longer fits any ResNet.
+    fixture['saved_model_variables'] = [
+        v for v in fixture['saved_model_variables']
+        if 'block_groups/3/layers/1/' not in keys[v[2]][0]]
+    saved = write_saved_model(fixture, str(r18['tmp'] / 'cut' / 'saved_model' / '1'))
+    err = converter_error(saved, str(r18['tmp'] / 'out_cut'), capsys)
+    assert 'match no ResNet' in err, err
+
+
+def test_wrong_shape_names_the_variable_and_both_shapes(r18, capsys):
+    bad = 'model/resnet_model/block_groups/2/layers/1/conv2d_bn_layers/2/conv2d/kernel'
+    prefix = write_checkpoint(r18['fixture'], str(r18['tmp'] / 'wrong' / 'ckpt-1'),
+                              change=lambda key, v: v[:, :, :, :7] if key.startswith(bad) else v)
+    err = converter_error(prefix, str(r18['tmp'] / 'out_wrong'), capsys)
+    assert bad in err and '[3, 3, 256, 7]' in err and '[3, 3, 256, 256]' in err, err
+
+
+def test_non_simclr_checkpoint_is_refused(r18, capsys):
+    dense = keras.layers.Dense(3)
+    dense.build((None, 4))
+    prefix = tf.train.Checkpoint(model=dense).save(str(r18['tmp'] / 'other' / 'ckpt'))
+    err = converter_error(prefix, str(r18['tmp'] / 'out_other'), capsys)
+    assert "not one of the authors' SimCLR TF2 checkpoints" in err, err
+
+
+def test_run_configured_for_another_architecture_is_told_which(r18):
+    config = config_of(r18['fixture'], checkpoint=r18['prefix'], width_multiplier=0.5,
+                       model_dir=str(r18['tmp'] / 'other_width'))
+    model = build_model(config, NUM_CLASSES)
+    optimizer = keras.optimizers.SGD(0.1)
+    optimizer.build(model.trainable_variables)
+    with pytest.raises(authors.AuthorsLayoutError, match=r'holds ResNet-18 1x.*configured for '
+                                                         r'ResNet-18 0.5x'):
+        Checkpointer(config, model, optimizer).restore(model)
