@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -110,8 +111,8 @@ def _non_trainable(layer: _Layer) -> list[Entry]:
     if layer.trainable:
         return [w for w in layer.weights if not w.trainable] + [
             w for c in layer.children for w in _non_trainable(c)]
-    return ([w for w in layer.weights if w.trainable] + [w for w in layer.weights if not w.trainable]
-            + [w for c in layer.children for w in _trainable(c) + _non_trainable(c)])
+    own = [w for w in layer.weights if w.trainable] + [w for w in layer.weights if not w.trainable]
+    return (own + [w for c in layer.children for w in _trainable(c) + _non_trainable(c)])
 
 
 def _variables(layer: _Layer) -> list[Entry]:
@@ -355,7 +356,8 @@ def _saved_model_names(path: str) -> dict[int, str]:
         with tf.io.gfile.GFile(os.path.join(path, 'saved_model.pb'), 'rb') as f:
             proto = saved_model_pb2.SavedModel.FromString(f.read())
         nodes = proto.meta_graphs[0].object_graph_def.nodes
-        return {i: n.variable.name for i, n in enumerate(nodes) if n.WhichOneof('kind') == 'variable'}
+        return {i: n.variable.name for i, n in enumerate(nodes)
+                if n.WhichOneof('kind') == 'variable'}
     except Exception as e:  # names are a nicety; the order and shapes are what count
         logging.info('variable names of %s not read: %s', path, e)
         return {}
@@ -363,7 +365,8 @@ def _saved_model_names(path: str) -> dict[int, str]:
 
 def open_saved_model(path: str) -> Source:
     """The authors' export: `model/<part>/variables` lists from the variables bundle's object graph
-    (the same graph `tf.saved_model.load` restores), trainability from `trainable_variables_list`."""
+    (the same graph `tf.saved_model.load` restores), trainability from
+    `trainable_variables_list`."""
     from tensorflow.core.protobuf import trackable_object_graph_pb2
     bundle = os.path.join(path, 'variables', 'variables')
     try:
@@ -412,12 +415,25 @@ def open_saved_model(path: str) -> Source:
                   int(step) if step.isdigit() else 0, ordered)
 
 
+def latest_prefix(directory: str) -> Optional[str]:
+    """The newest checkpoint in `directory`: by its `checkpoint` file, else (that file may name
+    the paths of the machine that wrote it) the highest-numbered `*.index` in it."""
+    prefix = tf.train.latest_checkpoint(directory)
+    if prefix is not None:
+        return prefix
+    found = []
+    for name in tf.io.gfile.listdir(directory):
+        if m := re.fullmatch(r'(.*?)-(\d+)\.index', name):
+            found.append((int(m.group(2)), os.path.join(directory, name[:-len('.index')])))
+    return max(found)[1] if found else None
+
+
 def open_source(path: str) -> Optional[Source]:
     """The authors' checkpoint or SavedModel at `path` (prefix or directory), or None when `path`
     is a checkpoint that is not theirs (e.g. this project's)."""
     saved = find_saved_model(path)
     if tf.io.gfile.isdir(path):
-        prefix = tf.train.latest_checkpoint(path)
+        prefix = latest_prefix(path)
         if prefix is None and saved is None:
             raise ConfigError(f'{path!r} holds neither a checkpoint nor a SavedModel')
         if prefix is None:
@@ -442,14 +458,13 @@ def _solve_ratio(observed: dict[int, int], floor: int, preferred: float) -> floa
 
 def infer_architecture(shapes: dict[str, tuple], ft_proj_selector: Optional[int] = None
                        ) -> Architecture:
-    """The Architecture of the authors' checkpoint keys and shapes (to be verified with `layout`)."""
-    import re
+    """The Architecture of the authors' checkpoint keys and shapes (verified with `layout`)."""
     r = 'model/resnet_model/'
-    stem = sorted((int(m.group(1)), k) for k in shapes
-                  if (m := re.fullmatch(r + r'initial_conv_relu_max_pool/(\d+)/conv2d/kernel' + SUFFIX, k)))
+    stem_key = r + r'initial_conv_relu_max_pool/(\d+)/conv2d/kernel' + SUFFIX
+    stem = sorted((int(m.group(1)), k) for k in shapes if (m := re.fullmatch(stem_key, k)))
     if not stem:
-        raise AuthorsLayoutError('no stem convolution (model/resnet_model/initial_conv_relu_max_pool'
-                                 '/0/conv2d/kernel) found')
+        raise AuthorsLayoutError('no stem convolution (model/resnet_model/'
+                                 'initial_conv_relu_max_pool/0/conv2d/kernel) found')
     first, last = shapes[stem[0][1]], shapes[stem[-1][1]]
     deep = len(stem) == 3
     cifar = not deep and first[0] == 3
@@ -457,9 +472,10 @@ def infer_architecture(shapes: dict[str, tuple], ft_proj_selector: Optional[int]
     blocks: dict[int, dict[int, set]] = {}
     for k in shapes:
         if m := re.match(r + r'block_groups/(\d+)/layers/(\d+)/(\w+)/', k):
-            blocks.setdefault(int(m.group(1)), {}).setdefault(int(m.group(2)), set()).add(m.group(3))
+            group = blocks.setdefault(int(m.group(1)), {})
+            group.setdefault(int(m.group(2)), set()).add(m.group(3))
     counts = tuple(len(blocks.get(g, {})) for g in range(4))
-    lists = set().union(*(s for group in blocks.values() for s in group.values())) if blocks else set()
+    lists = {name for group in blocks.values() for names in group.values() for name in names}
     kind = 'bottleneck' if 'conv_relu_dropblock_layers' in lists else 'basic'
     depth = next((d for d, spec in ARCHITECTURES.items() if spec == (kind, counts)), None)
     if depth is None:
@@ -504,7 +520,8 @@ def place_saved_model(source: Source, ft_proj_selector: Optional[int] = None) ->
     res = ordered['resnet_model']
     kernels = [s for _, s, _, _ in res if len(s) == 4 and s[2] == 3]
     if len(kernels) != 1:
-        raise AuthorsLayoutError(f'{source.path}: expected one 3-channel stem kernel, found {kernels}')
+        raise AuthorsLayoutError(f'{source.path}: expected one 3-channel stem kernel, '
+                                 f'found {kernels}')
     k0 = kernels[0]
     stems = ([(False, False, k0[-1] / 64)] if k0[0] == 7 else
              [(True, False, k0[-1] / 64), (True, True, k0[-1] / 64), (False, True, k0[-1] / 32)])
@@ -595,8 +612,7 @@ def plan(model, config: Config, source: Source, schema: str = ''
     """(our variable, the source key it takes) for every variable of `model` whose .path matches
     `schema` (re.match), and notes on parts left as initialised. Raises AuthorsLayoutError when
     the source does not fit this model's configuration."""
-    import re
-    src = source_architecture(source, config.ft_proj_selector)
+    src = source_architecture(source)
     head = getattr(model, 'supervised_head', None)
     arch = Architecture.of(config, head.num_classes if head is not None else None)
     ours = {v.path: v for v in model.variables}

@@ -26,6 +26,17 @@ def resolve_checkpoint(path: str) -> str:
     return path
 
 
+def check_start(path: str) -> None:
+    """Fails early, with a clear message, when `--checkpoint` names nothing to start from: a
+    checkpoint (prefix or directory) or one of the authors' SavedModel exports."""
+    if tf.io.gfile.isdir(path) and tf.train.latest_checkpoint(path) is None:
+        if authors.find_saved_model(path) is None:
+            raise ConfigError(f'checkpoint={path!r} is a directory with neither a checkpoint nor '
+                              'a SavedModel in it')
+        return
+    resolve_checkpoint(path)
+
+
 def optimizer_state(optimizer: tf.Module) -> tf.Module:
     """The optimizer's own variables (step, slots), as `optimizer/variables/<i>`.
 

@@ -1,8 +1,8 @@
 """Converts one of the authors' TF2 checkpoints or SavedModels into this project's checkpoint and
 hub-style export (fine-tunable: variables on the root, `hub.KerasLayer(trainable=True)`):
 
-    python -m simclr_tf.convert --source=gs://simclr-checkpoints-tf2/simclrv2/pretrained/r50_1x_sk0 \\
-        --out=/tmp/r50_1x_sk0
+    python -m simclr_tf.convert \\
+        --source=gs://simclr-checkpoints-tf2/simclrv2/pretrained/r50_1x_sk0 --out=/tmp/r50_1x_sk0
 
 writes `<out>/ckpt-<step>` (+ `checkpoint`, `config.json`) and `<out>/saved_model/<step>/`, and
 prints the architecture it found with the flags that describe it. The architecture is read from
@@ -40,8 +40,8 @@ def convert(source: str, out: str, image_size: Optional[int] = None,
     theirs = authors.open_source(source)
     if theirs is None:
         raise authors.AuthorsLayoutError(
-            f"{source} is not one of the authors' SimCLR TF2 checkpoints (no model/resnet_model/... "
-            'variables); a checkpoint of this project needs no conversion')
+            f"{source} is not one of the authors' SimCLR TF2 checkpoints (no "
+            'model/resnet_model/... variables); a checkpoint of this project needs no conversion')
     arch = authors.source_architecture(theirs, ft_proj_selector)
     config = authors.config_for(arch, Config(use_tpu=False, global_bn=False, model_dir=out),
                                 image_size).validate()
