@@ -60,18 +60,31 @@ def config_of(fixture: dict, **changes) -> Config:
     return config.replace(**changes)
 
 
+_VALUES = {}
+
+
+def values_of(fixture: dict) -> list[np.ndarray]:
+    """The values of checkpoint_keys, computed once per fixture."""
+    name = ' '.join(fixture['flags'])
+    if name not in _VALUES:
+        _VALUES[name] = [value_of(key, shape, k)
+                         for k, (key, shape) in enumerate(fixture['checkpoint_keys'])]
+    return _VALUES[name]
+
+
 def write_checkpoint(fixture: dict, prefix: str, extra: bool = True,
                      change=lambda key, value: value) -> str:
-    """A checkpoint with exactly the fixture's keys and values (plus, with `extra`, a counter and
-    optimizer slots as a real one has), written by key with SaveV2 (no object graph)."""
+    """A checkpoint with exactly the fixture's keys and values (plus, with `extra`, the counters
+    and, for the stem, an optimizer slot, as a real one has), written by key with SaveV2 (no
+    object graph)."""
     names, tensors = [], []
-    for k, (key, shape) in enumerate(fixture['checkpoint_keys']):
-        value = change(key, value_of(key, shape, k))
+    for (key, shape), value in zip(fixture['checkpoint_keys'], values_of(fixture)):
+        value = change(key, value)
         if value is None:
             continue
         names.append(key)
         tensors.append(value)
-        if extra and len(shape) >= 2:
+        if extra and 'initial_conv_relu_max_pool/0/' in key:  # TF2 keys slots under the variable
             names.append(key.replace('/.ATTRIBUTES/', '/.OPTIMIZER_SLOT/optimizer/momentum/'
                                      '.ATTRIBUTES/'))
             tensors.append(np.zeros(shape, np.float32))
@@ -87,11 +100,11 @@ def write_checkpoint(fixture: dict, prefix: str, extra: bool = True,
 def write_saved_model(fixture: dict, path: str) -> str:
     """A SavedModel whose variables bundle has the authors' structure: `model/<part>/variables`
     lists in their order, with their variable names, and `trainable_variables_list`."""
-    keys = fixture['checkpoint_keys']
+    keys, values = fixture['checkpoint_keys'], values_of(fixture)
+    trainable = set(fixture['saved_model_trainable_variables_list'])
     made = {}
     for name, shape, k in fixture['saved_model_variables']:
-        made[name] = tf.Variable(value_of(keys[k][0], shape, k), name=name.split(':')[0],
-                                 trainable=name in fixture['saved_model_trainable_variables_list'])
+        made[name] = tf.Variable(values[k], name=name.split(':')[0], trainable=name in trainable)
     # Their bundle: each part's variables list (the loaded listing of one part is its order).
     root, model = tf.__internal__.tracking.AutoTrackable(), tf.__internal__.tracking.AutoTrackable()
     for part in authors.PARTS:
@@ -102,7 +115,8 @@ def write_saved_model(fixture: dict, path: str) -> str:
             holder.variables = listed
             setattr(model, part, holder)
     root.model = model
-    root.trainable_variables_list = [made[n] for n in fixture['saved_model_trainable_variables_list']]
+    root.trainable_variables_list = [made[n] for n in fixture['saved_model_trainable_variables_list']
+                                     if n in made]
     tf.saved_model.save(root, path)
     return path
 
@@ -123,17 +137,25 @@ def assert_outputs(outputs: dict, expected: dict) -> None:
                                        atol=1e-4 * np.abs(values).max(), err_msg=name)
 
 
-@pytest.fixture(scope='module', params=NAMES)
-def case(request, tmp_path_factory):
-    """One fixture, its checkpoint and SavedModel, and this project's model for it (built once)."""
-    fixture = fixture_of(request.param)
-    tmp = tmp_path_factory.mktemp(request.param)
-    prefix = write_checkpoint(fixture, str(tmp / 'theirs' / 'ckpt-1'))
-    saved = write_saved_model(fixture, str(tmp / 'theirs_export' / 'saved_model' / '1'))
-    config = config_of(fixture)
-    model = build_model(config, NUM_CLASSES)
-    return dict(name=request.param, fixture=fixture, prefix=prefix, saved=saved, config=config,
-                model=model, tmp=tmp)
+@pytest.fixture(scope='module')
+def cases(tmp_path_factory):
+    """name -> one fixture, its checkpoint and SavedModel, and this project's model for it, each
+    made once per module."""
+    made = {}
+
+    def get(name: str) -> dict:
+        if name not in made:
+            fixture = fixture_of(name)
+            tmp = tmp_path_factory.mktemp(name)
+            prefix = write_checkpoint(fixture, str(tmp / 'theirs' / 'ckpt-1'))
+            saved = write_saved_model(fixture, str(tmp / 'theirs_export' / 'saved_model' / '1'))
+            config = config_of(fixture)
+            made[name] = dict(name=name, fixture=fixture, prefix=prefix, saved=saved,
+                              config=config, model=build_model(config, NUM_CLASSES), tmp=tmp)
+        return made[name]
+
+    yield get
+    made.clear()
 
 
 def scramble(model: keras.Model) -> None:
@@ -154,8 +176,10 @@ def import_through_checkpointer(case: dict, source: str, global_bn: bool = True)
     return message
 
 
+@pytest.mark.parametrize('name', NAMES)
 @pytest.mark.parametrize('kind', ['checkpoint', 'saved_model'])
-def test_authors_source_through_checkpoint_flag_gives_their_outputs(case, kind):
+def test_authors_source_through_checkpoint_flag_gives_their_outputs(cases, name, kind):
+    case = cases(name)
     source = case['prefix'] if kind == 'checkpoint' else os.path.dirname(case['saved'])
     message = import_through_checkpointer(case, source)
     n = len(case['fixture']['checkpoint_keys'])
@@ -164,7 +188,27 @@ def test_authors_source_through_checkpoint_flag_gives_their_outputs(case, kind):
     assert_outputs(outputs, case['fixture']['expected_trainable_false'])
 
 
-def test_converter_writes_a_checkpoint_and_export_with_their_outputs(case, capsys):
+@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('kind', ['checkpoint', 'saved_model'])
+def test_converter_finds_the_architecture(cases, name, kind):
+    """What the converter builds for each layout: the fixture's flags, every variable placed."""
+    case = cases(name)
+    source = authors.open_source(case['prefix'] if kind == 'checkpoint' else case['saved'])
+    arch = authors.source_architecture(source)
+    config = authors.config_for(arch, image_size=case['config'].image_size)
+    for field in ('resnet_depth', 'width_multiplier', 'sk_ratio', 'se_ratio', 'image_size',
+                  'proj_head_mode', 'num_proj_layers', 'proj_out_dim', 'ft_proj_selector'):
+        assert getattr(config, field) == getattr(case['config'], field), field
+    assert arch.num_classes == NUM_CLASSES and arch.cifar_stem == case['config'].cifar_stem
+    pairs, notes = authors.plan(case['model'], config, source)
+    assert len(pairs) == len(case['model'].variables) == len(source.shapes) and not notes
+
+
+# The full conversion (checkpoint and export written, export loaded and run) of the smallest
+# layout, from a checkpoint here and from a SavedModel below. For the ResNet-50 layouts the test
+# above covers what differs (architecture, placement); their export would add minutes to the suite.
+def test_converter_writes_a_checkpoint_and_export_with_their_outputs(cases, capsys):
+    case = cases('r18_cifar')
     out = str(case['tmp'] / 'converted')
     assert convert.main([f'--source={case["prefix"]}', f'--out={out}']) == 0
     printed = capsys.readouterr().out
@@ -186,18 +230,15 @@ def test_converter_writes_a_checkpoint_and_export_with_their_outputs(case, capsy
 
 # ---------------------------------------------------------------- one configuration, more paths
 @pytest.fixture(scope='module')
-def r18(tmp_path_factory):
-    fixture = fixture_of('r18_cifar')
-    tmp = tmp_path_factory.mktemp('r18_more')
-    return dict(fixture=fixture, tmp=tmp, prefix=write_checkpoint(fixture, str(tmp / 'ckpt-1')),
-                saved=write_saved_model(fixture, str(tmp / 'export' / 'saved_model' / '7')))
+def r18(cases):
+    return cases('r18_cifar')
 
 
 def test_converter_reads_their_saved_model(r18, capsys):
     out = str(r18['tmp'] / 'from_saved_model')
     assert convert.main([f'--source={os.path.dirname(r18["saved"])}', f'--out={out}']) == 0
     assert 'ResNet-18 1x' in capsys.readouterr().out
-    loaded = tf.saved_model.load(os.path.join(out, 'saved_model', '7'))
+    loaded = tf.saved_model.load(os.path.join(out, 'saved_model', '1'))
     assert_outputs(loaded(input_of(r18['fixture']), trainable=False),
                    r18['fixture']['expected_trainable_false'])
 
@@ -284,3 +325,49 @@ def test_run_configured_for_another_architecture_is_told_which(r18):
     with pytest.raises(authors.AuthorsLayoutError, match=r'holds ResNet-18 1x.*configured for '
                                                          r'ResNet-18 0.5x'):
         Checkpointer(config, model, optimizer).restore(model)
+
+
+# ---------------------------------------------------------------- more of their layouts
+EXTRA = os.path.join(os.path.dirname(__file__), 'data', 'authors_layouts_extra')
+
+
+@pytest.mark.parametrize('name', ['r18se', 'r34sk', 'r50skse'])
+def test_generated_layout_is_theirs_for_se_resnet_d_frozen_stages_and_other_heads(name):
+    """Keys, shapes, each part's variables order (with frozen stages) and trainability as their
+    code makes them; a SavedModel listing them in that order is placed and its architecture
+    found."""
+    with open(os.path.join(EXTRA, f'{name}.json')) as f:
+        theirs = json.load(f)
+    keys = [k for k, _ in theirs['keys']]
+    shapes = {k: tuple(s) for k, s in theirs['keys']}
+    flags = dict(f[2:].split('=', 1) for f in theirs['flags'])
+    arch = authors.infer_architecture(shapes)
+    assert arch.resnet_depth == int(flags['resnet_depth'])
+    assert arch.se_ratio == float(flags.get('se_ratio', 0))
+    assert arch.sk_ratio == float(flags.get('sk_ratio', 0))
+    assert arch.cifar_stem == (int(flags['image_size']) <= 32)
+    assert arch.ft_proj_selector == int(flags.get('ft_proj_selector', 0))
+    assert {k: e.shape for k, e in authors.checkpoint_layout(arch).items()} == shapes
+    frozen = int(flags.get('fine_tune_after_block', -1)) if flags['train_mode'] == 'finetune' else -1
+    generated = authors.layout(arch, frozen)
+    assert {p: [e.key + authors.SUFFIX for e in entries] for p, entries in generated.items()} == {
+        p: [keys[i] for i in order] for p, order in theirs['parts'].items()}
+    trainable = {keys[i] for i in theirs['trainable']}
+    ordered = {p: [(keys[i], shapes[keys[i]], keys[i] in trainable, keys[i]) for i in order]
+               for p, order in theirs['parts'].items()}
+    source = authors.Source('their_export', 'saved_model', {}, lambda key: key, 0, ordered)
+    assert authors.source_architecture(source) == arch
+    assert all(source.read(k) == k for k in keys)  # every variable read from its own place
+
+
+def test_se_blocks_land_in_this_models_se_layers():
+    with open(os.path.join(EXTRA, 'r18se.json')) as f:
+        theirs = json.load(f)
+    shapes = {k: tuple(s) for k, s in theirs['keys']}
+    source = authors.Source('theirs', 'checkpoint', shapes, lambda key: None)
+    config = Config(resnet_depth=18, image_size=32, se_ratio=0.25, train_mode='finetune',
+                    fine_tune_after_block=2, use_tpu=False)
+    model = build_model(config, NUM_CLASSES)
+    pairs, notes = authors.plan(model, config, source)
+    assert len(pairs) == len(model.variables) == len(shapes) and not notes
+    assert sum('/se/' in v.path for v, _ in pairs) == 4 * 8  # 2 convs + 2 biases in 8 blocks
