@@ -89,7 +89,8 @@ def write_checkpoint(fixture: dict, prefix: str, extra: bool = True,
                                      '.ATTRIBUTES/'))
             tensors.append(np.zeros(shape, np.float32))
     if extra:
-        names += ['global_step/.ATTRIBUTES/VARIABLE_VALUE', 'save_counter/.ATTRIBUTES/VARIABLE_VALUE']
+        names += [f'{counter}/.ATTRIBUTES/VARIABLE_VALUE' for counter in ('global_step',
+                                                                         'save_counter')]
         tensors += [np.int64(12345), np.int64(3)]
     tf.io.gfile.makedirs(os.path.dirname(prefix))
     tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[''] * len(names),
@@ -115,8 +116,8 @@ def write_saved_model(fixture: dict, path: str) -> str:
             holder.variables = listed
             setattr(model, part, holder)
     root.model = model
-    root.trainable_variables_list = [made[n] for n in fixture['saved_model_trainable_variables_list']
-                                     if n in made]
+    root.trainable_variables_list = [
+        made[n] for n in fixture['saved_model_trainable_variables_list'] if n in made]
     tf.saved_model.save(root, path)
     return path
 
@@ -186,6 +187,16 @@ def test_authors_source_through_checkpoint_flag_gives_their_outputs(cases, name,
     assert f'initialised {n} variables' in message, message
     outputs = case['model'](input_of(case['fixture']), training=False)
     assert_outputs(outputs, case['fixture']['expected_trainable_false'])
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_stand_in_export_has_their_bundle_keys(cases, name):
+    """The SavedModel these tests write holds exactly the keys and shapes of theirs."""
+    case = cases(name)
+    bundle = os.path.join(case['saved'], 'variables', 'variables')
+    keys = sorted([k, s] for k, s in tf.train.list_variables(bundle)
+                  if k != '_CHECKPOINTABLE_OBJECT_GRAPH')
+    assert keys == sorted(case['fixture']['saved_model_variable_keys'])
 
 
 @pytest.mark.parametrize('name', NAMES)
@@ -348,7 +359,8 @@ def test_generated_layout_is_theirs_for_se_resnet_d_frozen_stages_and_other_head
     assert arch.cifar_stem == (int(flags['image_size']) <= 32)
     assert arch.ft_proj_selector == int(flags.get('ft_proj_selector', 0))
     assert {k: e.shape for k, e in authors.checkpoint_layout(arch).items()} == shapes
-    frozen = int(flags.get('fine_tune_after_block', -1)) if flags['train_mode'] == 'finetune' else -1
+    finetune = flags['train_mode'] == 'finetune'
+    frozen = int(flags.get('fine_tune_after_block', -1)) if finetune else -1
     generated = authors.layout(arch, frozen)
     assert {p: [e.key + authors.SUFFIX for e in entries] for p, entries in generated.items()} == {
         p: [keys[i] for i in order] for p, order in theirs['parts'].items()}
@@ -371,3 +383,19 @@ def test_se_blocks_land_in_this_models_se_layers():
     pairs, notes = authors.plan(model, config, source)
     assert len(pairs) == len(model.variables) == len(shapes) and not notes
     assert sum('/se/' in v.path for v, _ in pairs) == 4 * 8  # 2 convs + 2 biases in 8 blocks
+
+
+def test_directory_sources_resolve(r18):
+    """A checkpoint directory without a `checkpoint` state file (or with one naming the paths of
+    another machine) gives its newest ckpt-N; SavedModel roots give their newest export."""
+    from simclr_tf import checkpoint
+    theirs = os.path.dirname(r18['prefix'])
+    assert authors.latest_prefix(theirs) == r18['prefix']
+    assert authors.open_source(theirs).kind == 'checkpoint'
+    export_root = os.path.dirname(os.path.dirname(r18['saved']))  # .../theirs_export
+    assert authors.find_saved_model(export_root) == r18['saved']
+    checkpoint.check_start(export_root)  # accepted at start-up
+    empty = r18['tmp'] / 'empty'
+    empty.mkdir(exist_ok=True)
+    with pytest.raises(ValueError, match='neither a checkpoint nor a SavedModel'):
+        checkpoint.check_start(str(empty))
