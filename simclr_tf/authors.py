@@ -1,12 +1,10 @@
 """The authors' model zoo: their TF2 training checkpoints and SavedModels as weights of this model.
 
-Their variables are placed by structure, never by their names: the layout of the authors' TF2
-Keras model (google-research/simclr `tf2/`) is generated here for an `Architecture`, giving each
-of their variables its checkpoint key (`model/resnet_model/block_groups/0/layers/0/...`), its
-shape, whether their model trains it, and the `.path` of the variable of this project's model that
-takes its value. A training checkpoint is then read by key; a SavedModel export by order (its
-`model/<part>/variables/<i>` lists, which follow tf-keras' weight order; the names in it carry
-per-process layer counters and are not used).
+Their variables are placed by structure, never by their names: `authors_layout` generates the
+layout of their model for an `Architecture` (inferred here from the source's shapes). A training
+checkpoint is then read by key; a SavedModel export by order (its `model/<part>/variables/<i>`
+lists, which follow tf-keras' weight order; the names in it carry per-process layer counters and
+serve only in messages).
 
 Their sync-BN and plain-BN layers hold the same four variables under the same keys, so the
 statistics land in this model's BN layers whatever `global_bn` is.
@@ -14,7 +12,6 @@ statistics land in this model's BN layers whatever `global_bn` is.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import re
@@ -24,273 +21,19 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
+from simclr_tf.authors_layout import (  # noqa: F401 (checkpoint_layout: re-exported)
+    DEFAULT_SK_RATIO, PARTS, SK_MIN_DIM, SUFFIX, Architecture, Builder, Entry, Layer, all_weights,
+    checkpoint_layout, layout, trainable_weights)
 from simclr_tf.config import Config, ConfigError
 from simclr_tf.resnet import ARCHITECTURES, channels
 
-SUFFIX = '/.ATTRIBUTES/VARIABLE_VALUE'
-PARTS = ('resnet_model', '_projection_head', 'supervised_head')
 # The authors' part -> this model's attribute.
 OUR_PARTS = {'resnet_model': 'encoder', '_projection_head': 'projection_head',
              'supervised_head': 'supervised_head'}
-SK_MIN_DIM = 32  # the authors' SK_Conv2D min_dim
-DEFAULT_SK_RATIO = 0.0625  # SimCLRv2's
 
 
 class AuthorsLayoutError(ConfigError):
     """The source is not one of the authors' layouts this module knows, or does not fit."""
-
-
-# ------------------------------------------------------------------ architecture
-@dataclass(frozen=True)
-class Architecture:
-    """What the authors' variables determine (and `ft_proj_selector`, which they do not)."""
-    resnet_depth: int = 50
-    width_multiplier: float = 1.0
-    cifar_stem: bool = False
-    sk_ratio: float = 0.0
-    se_ratio: float = 0.0
-    proj_head_mode: str = 'nonlinear'  # none | linear | nonlinear
-    num_proj_layers: int = 3
-    proj_out_dim: int = 128
-    num_classes: Optional[int] = None  # None: no supervised head
-    ft_proj_selector: int = 0
-
-    @classmethod
-    def of(cls, config: Config, num_classes: Optional[int]) -> 'Architecture':
-        return cls(config.resnet_depth, config.width_multiplier, config.cifar_stem,
-                   config.sk_ratio, config.se_ratio, config.proj_head_mode,
-                   config.num_proj_outputs, config.proj_out_dim, num_classes,
-                   config.ft_proj_selector)
-
-    @property
-    def h_dim(self) -> int:
-        expansion = 4 if ARCHITECTURES[self.resnet_depth][0] == 'bottleneck' else 1
-        return expansion * channels(512, self.width_multiplier)
-
-    def describe(self) -> str:
-        parts = [f'ResNet-{self.resnet_depth} {self.width_multiplier:g}x',
-                 f'sk_ratio={self.sk_ratio:g}', f'se_ratio={self.se_ratio:g}',
-                 'CIFAR stem' if self.cifar_stem else 'ImageNet stem']
-        if self.proj_head_mode == 'none' or not self.num_proj_layers:
-            parts.append('no projection head')
-        else:
-            parts.append(f'projection head {self.num_proj_layers} layers -> {self.proj_out_dim}')
-        parts.append('no supervised head' if self.num_classes is None
-                     else f'supervised head {self.num_classes} classes')
-        return ', '.join(parts)
-
-
-# ------------------------------------------------------------------ the authors' layout
-@dataclass(frozen=True)
-class Entry:
-    key: str  # the authors' checkpoint key, without SUFFIX
-    shape: tuple[int, ...]
-    ours: str  # .path of this project's variable
-    trainable: bool  # trainable as a weight kind (kernel, gamma, beta, bias)
-    free: bool = False  # its shape depends on sk_ratio or se_ratio
-
-
-@dataclass
-class _Layer:
-    """A tf-keras layer of the authors' model: own weights, then tracked sub-layers in order."""
-    weights: list[Entry] = dataclasses.field(default_factory=list)
-    children: list['_Layer'] = dataclasses.field(default_factory=list)
-    trainable: bool = True
-
-
-def _trainable(layer: _Layer) -> list[Entry]:
-    """tf-keras `Layer.trainable_weights`."""
-    if not layer.trainable:
-        return []
-    return [w for w in layer.weights if w.trainable] + [
-        w for c in layer.children for w in _trainable(c)]
-
-
-def _non_trainable(layer: _Layer) -> list[Entry]:
-    """tf-keras `Layer.non_trainable_weights` (a frozen layer lists all its children's)."""
-    if layer.trainable:
-        return [w for w in layer.weights if not w.trainable] + [
-            w for c in layer.children for w in _non_trainable(c)]
-    own = [w for w in layer.weights if w.trainable] + [w for w in layer.weights if not w.trainable]
-    return (own + [w for c in layer.children for w in _trainable(c) + _non_trainable(c)])
-
-
-def _variables(layer: _Layer) -> list[Entry]:
-    return _trainable(layer) + _non_trainable(layer)
-
-
-class _Builder:
-    """Generates the authors' layer tree for one Architecture."""
-
-    def __init__(self, arch: Architecture, frozen_stages: int = -1):
-        self.arch, self.frozen = arch, frozen_stages
-
-    @staticmethod
-    def _kernel(key: str, shape: tuple, ours: str, bias: Optional[int] = None,
-                free: bool = False) -> _Layer:
-        weights = [Entry(f'{key}/kernel', tuple(shape), f'{ours}/kernel', True, free)]
-        if bias is not None:
-            weights.append(Entry(f'{key}/bias', (bias,), f'{ours}/bias', True, free))
-        return _Layer(weights)
-
-    def conv(self, key: str, shape: tuple, ours: str) -> _Layer:
-        """Their Conv2dFixedPadding (a Conv2D under `conv2d`)."""
-        return _Layer(children=[self._kernel(f'{key}/conv2d', shape, ours)])
-
-    @staticmethod
-    def bn(key: str, c: int, ours: str, center: bool = True, free: bool = False) -> _Layer:
-        """Their BatchNormRelu (a BN under `bn`)."""
-        names = ['gamma'] + (['beta'] if center else [])
-        weights = [Entry(f'{key}/bn/{n}', (c,), f'{ours}/{n}', True, free) for n in names] + [
-            Entry(f'{key}/bn/{n}', (c,), f'{ours}/{n}', False, free)
-            for n in ('moving_mean', 'moving_variance')]
-        return _Layer(children=[_Layer(weights)])
-
-    # -------------------------------------------------------------- encoder
-    def stem(self, key: str) -> list[_Layer]:
-        a = self.arch
-        c = channels(64, a.width_multiplier)
-        ours = 'resnet/stem'
-        if a.cifar_stem:
-            items = [self.conv(f'{key}/0', (3, 3, 3, c), f'{ours}/conv_0'),
-                     self.bn(f'{key}/2', c, f'{ours}/bn')]
-        elif a.sk_ratio > 0:
-            half = max(1, c // 2)
-            items = [self.conv(f'{key}/0', (3, 3, 3, half), f'{ours}/conv_0'),
-                     self.bn(f'{key}/1', half, f'{ours}/bn_0'),
-                     self.conv(f'{key}/2', (3, 3, half, half), f'{ours}/conv_1'),
-                     self.bn(f'{key}/3', half, f'{ours}/bn_1'),
-                     self.conv(f'{key}/4', (3, 3, half, c), f'{ours}/conv_2'),
-                     self.bn(f'{key}/6', c, f'{ours}/bn')]
-        else:
-            items = [self.conv(f'{key}/0', (7, 7, 3, c), f'{ours}/conv_0'),
-                     self.bn(f'{key}/2', c, f'{ours}/bn')]
-        for item in items:  # the authors pass `trainable` to each stem layer
-            item.trainable = self.frozen < 0
-        return items
-
-    def shortcut(self, key: str, c_in: int, c_out: int, strides: int, ours: str) -> list[_Layer]:
-        i = 0
-        if self.arch.sk_ratio > 0:  # ResNet-D: [pad], avg pool, 1x1 conv, BN
-            i = 2 if strides > 1 else 1
-        return [self.conv(f'{key}/{i}', (1, 1, c_in, c_out), f'{ours}/conv'),
-                self.bn(f'{key}/{i + 1}', c_out, f'{ours}/bn')]
-
-    def sk(self, key: str, c_in: int, f: int, ours: str) -> _Layer:
-        mid = max(int(f * self.arch.sk_ratio), SK_MIN_DIM)
-        return _Layer(children=[
-            self.conv(f'{key}/conv2d_fixed_padding', (3, 3, c_in, 2 * f), f'{ours}/conv'),
-            self.bn(f'{key}/batch_norm_relu', 2 * f, f'{ours}/bn'),
-            self._kernel(f'{key}/conv2d_0', (1, 1, f, mid), f'{ours}/fc_reduce', free=True),
-            self.bn(f'{key}/batch_norm_relu_1', mid, f'{ours}/bn_reduce', free=True),
-            self._kernel(f'{key}/conv2d_1', (1, 1, mid, 2 * f), f'{ours}/fc_expand', free=True)])
-
-    def se(self, key: str, f: int, c_out: int, ours: str) -> _Layer:
-        r = max(1, int(f * self.arch.se_ratio))
-        return _Layer(children=[self._kernel(f'{key}/se_reduce', (1, 1, c_out, r),
-                                             f'{ours}/reduce', bias=r, free=True),
-                                self._kernel(f'{key}/se_expand', (1, 1, r, c_out),
-                                             f'{ours}/expand', bias=c_out, free=True)])
-
-    def bottleneck(self, key: str, c_in: int, f: int, strides: int, project: bool,
-                   ours: str) -> _Layer:
-        a, out = self.arch, 4 * f
-        layers = []
-        if project:
-            layers += self.shortcut(f'{key}/projection_layers', c_in, out, strides,
-                                    f'{ours}/shortcut')
-        k = f'{key}/conv_relu_dropblock_layers'
-        main = [self.conv(f'{k}/0', (1, 1, c_in, f), f'{ours}/conv_0'),
-                self.bn(f'{k}/1', f, f'{ours}/bn_0')]  # 2: DropBlock
-        if a.sk_ratio > 0:
-            main.append(self.sk(f'{k}/3', f, f, f'{ours}/sk_conv_1'))  # 4: DropBlock
-            i = 5
-        else:
-            main += [self.conv(f'{k}/3', (3, 3, f, f), f'{ours}/conv_1'),
-                     self.bn(f'{k}/4', f, f'{ours}/bn_1')]  # 5: DropBlock
-            i = 6
-        main += [self.conv(f'{k}/{i}', (1, 1, f, out), f'{ours}/conv_2'),
-                 self.bn(f'{k}/{i + 1}', out, f'{ours}/bn_2')]  # i + 2: DropBlock
-        if a.se_ratio > 0:
-            main.append(self.se(f'{k}/{i + 3}', f, out, f'{ours}/se'))
-        return _Layer(children=layers + main)
-
-    def basic(self, key: str, c_in: int, f: int, strides: int, project: bool,
-              ours: str) -> _Layer:
-        k = f'{key}/conv2d_bn_layers'  # tracked before shortcut_layers
-        layers = [self.conv(f'{k}/0', (3, 3, c_in, f), f'{ours}/conv_0'),
-                  self.bn(f'{k}/1', f, f'{ours}/bn_0'),
-                  self.conv(f'{k}/2', (3, 3, f, f), f'{ours}/conv_1'),
-                  self.bn(f'{k}/3', f, f'{ours}/bn_1')]
-        if project:
-            layers += self.shortcut(f'{key}/shortcut_layers', c_in, f, strides, f'{ours}/shortcut')
-        if self.arch.se_ratio > 0:
-            layers.append(self.se(f'{key}/se_layer', f, f, f'{ours}/se'))
-        return _Layer(children=layers)
-
-    def resnet(self, key: str) -> _Layer:
-        a = self.arch
-        block_type, counts = ARCHITECTURES[a.resnet_depth]
-        expansion = 4 if block_type == 'bottleneck' else 1
-        block = self.bottleneck if block_type == 'bottleneck' else self.basic
-        c_in = channels(64, a.width_multiplier)
-        groups = []
-        for g, n in enumerate(counts):
-            f = channels(64 * 2**g, a.width_multiplier)
-            blocks = []
-            for j in range(n):
-                blocks.append(block(f'{key}/block_groups/{g}/layers/{j}', c_in, f,
-                                    (1 if g == 0 else 2) if j == 0 else 1, j == 0,
-                                    f'resnet/block_group{g + 1}/block_{j}'))
-                c_in = expansion * f
-            groups.append(_Layer(children=blocks, trainable=self.frozen < g + 1))
-        return _Layer(children=self.stem(f'{key}/initial_conv_relu_max_pool') + groups)
-
-    # -------------------------------------------------------------- heads
-    def linear(self, key: str, d_in: int, units: int, center: bool, use_bn: bool,
-               ours: str) -> _Layer:
-        """Their LinearLayer: `bn_relu` (set in __init__) is tracked before `dense` (build)."""
-        children = [self.bn(f'{key}/bn_relu', units, f'{ours}/bn', center=center)] if use_bn else []
-        children.append(self._kernel(f'{key}/dense', (d_in, units), f'{ours}/dense',
-                                     bias=None if use_bn else units))
-        return _Layer(children=children)
-
-    def projection_head(self, key: str) -> _Layer:
-        a = self.arch
-        n = a.num_proj_layers if a.proj_head_mode != 'none' else 0
-        prefix = 'l' if a.proj_head_mode == 'linear' else 'nl'
-        d = a.h_dim
-        return _Layer(children=[
-            self.linear(f'{key}/linear_layers/{j}', d, a.proj_out_dim if j == n - 1 else d,
-                        center=j < n - 1, use_bn=True, ours=f'head_contrastive/{prefix}_{j}')
-            for j in range(n)])
-
-    def supervised_head(self, key: str) -> _Layer:
-        a = self.arch
-        n = a.num_proj_layers if a.proj_head_mode != 'none' else 0
-        d_in = a.proj_out_dim if a.ft_proj_selector == n and n > 0 else a.h_dim
-        return _Layer(children=[self.linear(f'{key}/linear_layer', d_in, a.num_classes,
-                                            center=True, use_bn=False,
-                                            ours='head_supervised/linear_layer')])
-
-    def parts(self) -> dict[str, _Layer]:
-        parts = {'resnet_model': self.resnet('model/resnet_model'),
-                 '_projection_head': self.projection_head('model/_projection_head')}
-        if self.arch.num_classes is not None:
-            parts['supervised_head'] = self.supervised_head('model/supervised_head')
-        return parts
-
-
-def layout(arch: Architecture, frozen_stages: int = -1) -> dict[str, list[Entry]]:
-    """The authors' variables of each model part, in their tf-keras `variables` order (what their
-    SavedModel lists as `model/<part>/variables/<i>`). `frozen_stages` is their
-    `fine_tune_after_block` when they fine-tuned (frozen stages change the order)."""
-    return {name: _variables(part) for name, part in _Builder(arch, frozen_stages).parts().items()}
-
-
-def checkpoint_layout(arch: Architecture) -> dict[str, Entry]:
-    """Authors' checkpoint key (with SUFFIX) -> Entry."""
-    return {e.key + SUFFIX: e for part in layout(arch).values() for e in part}
 
 
 # ------------------------------------------------------------------ reading their files
@@ -538,12 +281,12 @@ def place_saved_model(source: Source, ft_proj_selector: Optional[int] = None) ->
                                         0.25 if se else 0.0, 'nonlinear' if n else 'none', n,
                                         out_dim, sup[0][-1] if sup else None,
                                         ft_proj_selector or 0)
-                    parts = _Builder(arch, frozen).parts()
+                    parts = Builder(arch, frozen).parts()
                     resnet = parts['resnet_model']
-                    entries = _variables(resnet)
+                    entries = all_weights(resnet)
                     if len(entries) != len(res):
                         break  # the count does not depend on `frozen`
-                    train = {id(e) for e in _trainable(resnet)}
+                    train = {id(e) for e in trainable_weights(resnet)}
                     if all(len(e.shape) == len(s) and (id(e) in train) == t and
                            (e.shape == s or e.free) for e, (s, t) in zip(entries, observed)):
                         return _assign_keys(source, parts, ft_proj_selector)
@@ -553,10 +296,10 @@ def place_saved_model(source: Source, ft_proj_selector: Optional[int] = None) ->
         f'First variables: {[name for *_, name in res[:4]]}')
 
 
-def _assign_keys(source: Source, parts: dict[str, _Layer], ft_proj_selector) -> Architecture:
+def _assign_keys(source: Source, parts: dict[str, Layer], ft_proj_selector) -> Architecture:
     bundle, shapes, unplaced = {}, {}, []
     for name, entries in source.ordered.items():
-        ours = _variables(parts[name]) if name in parts else []
+        ours = all_weights(parts[name]) if name in parts else []
         if len(ours) != len(entries):
             unplaced += [f'{label} {shape}' for _, shape, _, label in entries[len(ours):]]
         for e, (bkey, shape, _, _) in zip(ours, entries):
