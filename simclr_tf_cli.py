@@ -52,7 +52,8 @@ _HELP = {
     'lineareval_while_pretraining': 'Whether to finetune a linear head on top of the frozen encoder '
                                     'while pretraining (behind a stop-gradient).',
     'checkpoint': 'Checkpoint prefix or directory to start from (fine-tuning), if model_dir has '
-                  'none.',
+                  'none: one of this project, or one of the authors\' TF2 checkpoints or '
+                  'SavedModels (their model zoo, local or gs://; see the README).',
     'zero_init_logits_layer': 'If True, zero-initialise the supervised head after restoring.',
     'fine_tune_after_block': 'Freeze the encoder up to this block when fine-tuning: -1 none, '
                              '0 the stem, 1..4 block groups (4 = linear evaluation).',

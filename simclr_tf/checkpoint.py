@@ -10,6 +10,7 @@ from typing import Optional
 
 import tensorflow as tf
 
+from simclr_tf import authors
 from simclr_tf.config import Config, ConfigError
 
 
@@ -25,6 +26,36 @@ def resolve_checkpoint(path: str) -> str:
     return path
 
 
+def check_start(path: str) -> None:
+    """Fails early, with a clear message, when `--checkpoint` names nothing to start from: a
+    checkpoint (prefix or directory) or one of the authors' SavedModel exports."""
+    if tf.io.gfile.isdir(path) and tf.train.latest_checkpoint(path) is None:
+        if authors.find_saved_model(path) is None:
+            raise ConfigError(f'checkpoint={path!r} is a directory with neither a checkpoint nor '
+                              'a SavedModel in it')
+        return
+    resolve_checkpoint(path)
+
+
+def optimizer_state(optimizer: tf.Module) -> tf.Module:
+    """The optimizer's own variables (step, slots), as `optimizer/variables/<i>`.
+
+    Checkpointing the Keras optimizer itself would key every trainable weight
+    `optimizer/_trainable_variables/<i>` (its list of them is the shortest path to each), leaving
+    `model/...` keys only to BN statistics. Without that list, every model variable is keyed by
+    its place in the model: `model/encoder/stem/conv_0/_kernel`, `model/projection_head/...`,
+    `model/supervised_head/...`.
+    """
+    state = tf.__internal__.tracking.AutoTrackable()
+    state.variables = list(optimizer.variables)
+    return state
+
+
+def is_legacy(path: str) -> bool:
+    """A checkpoint of this project written before model variables were keyed by name."""
+    return any(k.startswith('optimizer/_iterations/') for k, _ in tf.train.list_variables(path))
+
+
 class Checkpointer:
     """Model, optimizer (and so the global step, `optimizer.iterations`) in `model_dir`.
 
@@ -36,7 +67,8 @@ class Checkpointer:
     def __init__(self, config: Config, model: tf.Module, optimizer: tf.Module, chief: bool = True,
                  task_id: int = 0):
         self.config = config
-        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer_state(optimizer))
+        self._legacy = tf.train.Checkpoint(model=model, optimizer=optimizer)  # reads older ones
         self._scratch = None
         directory = config.model_dir
         if not chief:
@@ -59,12 +91,20 @@ class Checkpointer:
         """Resumes from `model_dir`, else starts from `config.checkpoint`; says which it did."""
         latest = self.latest
         if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            checkpoint = self._legacy if is_legacy(latest) else self.checkpoint
+            checkpoint.restore(latest).assert_existing_objects_matched()
             return f'resumed from {latest}'
         if self.config.checkpoint:
-            source = resolve_checkpoint(self.config.checkpoint)
-            restored = restore_matching(model, source, self.config.variable_schema)
+            theirs = authors.open_source(self.config.checkpoint)
+            if theirs is not None:  # the authors' TF2 checkpoint or SavedModel (their model zoo)
+                source = f"the authors' {theirs.kind} {theirs.path}"
+                restored, notes = authors.restore(model, self.config, theirs,
+                                                  self.config.variable_schema)
+            else:
+                source = resolve_checkpoint(self.config.checkpoint)
+                restored, notes = restore_matching(model, source, self.config.variable_schema), []
             message = f'initialised {len(restored)} variables from {source}'
+            message += ''.join(f'; {note}' for note in notes)
             if self.config.zero_init_logits_layer and model.supervised_head is not None:
                 for v in model.supervised_head.trainable_variables:
                     v.assign(tf.zeros_like(v))

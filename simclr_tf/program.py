@@ -24,7 +24,7 @@ def check_start(config: Config) -> None:
                 'train_mode=finetune needs --checkpoint (a pretrained checkpoint or its model_dir) '
                 f'or an existing checkpoint in model_dir={config.model_dir!r}')
         if config.checkpoint and not has_own:
-            checkpoint.resolve_checkpoint(config.checkpoint)
+            checkpoint.check_start(config.checkpoint)
     if config.mode == 'export' and not has_own:
         raise ConfigError(f'mode=export needs a checkpoint in model_dir={config.model_dir!r}')
 
