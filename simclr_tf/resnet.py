@@ -4,9 +4,10 @@ Depths 18 and 34 use basic blocks, 50-200 bottleneck blocks; widths are 64·2^i 
 (fractional multipliers allowed). Options of the paper and of SimCLRv2:
 
 - CIFAR stem (`cifar_stem`): a 3x3 stride-1 first conv and no max pool.
-- Selective Kernel (`sk_ratio > 0`): SK convs instead of the 3x3 convs, the ResNet-D deep stem
-  and average-pool projection shortcuts. (The authors use SK only in bottleneck blocks; here basic
-  blocks get it too, in place of their first 3x3 conv, so `sk_ratio` is never silently ignored.)
+- Selective Kernel (`sk_ratio > 0`), as the authors: the ResNet-D deep stem and average-pool
+  projection shortcuts at every depth, and SK convs in place of the bottleneck blocks' 3x3 convs.
+  Basic blocks (ResNet-18/34) keep plain 3x3 convs, as in the authors' code, so their published
+  layouts and parameter counts (R18 11,199,968; R34 21,308,128 at sk_ratio=0.0625) match.
 - Squeeze-excitation (`se_ratio > 0`) at the end of each residual branch.
 
 `ResNet.call` returns the named stages of the authors' hub modules: `initial_conv` (stem conv
@@ -255,9 +256,10 @@ class _Block(_BNLayer):
                                             **bn_args) if use_projection else None)
         self.se = SqueezeExcitation(filters, se_ratio, out, name='se') if se_ratio > 0 else None
 
-    def _conv_bn_relu(self, filters: int, strides: int, index: int) -> list[keras.layers.Layer]:
+    def _conv_bn_relu(self, filters: int, strides: int, index: int,
+                      selective_kernel: bool = False) -> list[keras.layers.Layer]:
         """The block's 3x3 conv + BN-ReLU, or an SK conv (which carries its own BN-ReLU)."""
-        if self.sk_ratio > 0:
+        if selective_kernel and self.sk_ratio > 0:
             return [SelectiveKernelConv(filters, strides, self.sk_ratio, name=f'sk_conv_{index}',
                                         batch_norm_decay=self.batch_norm_decay,
                                         global_bn=self.global_bn)]
@@ -295,7 +297,8 @@ class _Block(_BNLayer):
 
 
 class ResidualBlock(_Block):
-    """Basic block: 3x3 conv (strided) → BN-ReLU → 3x3 conv → BN (γ=0), plus the shortcut."""
+    """Basic block: 3x3 conv (strided) → BN-ReLU → 3x3 conv → BN (γ=0), plus the shortcut.
+    `sk_ratio > 0` changes only the shortcut (ResNet-D), as the authors: no SK conv here."""
 
     expansion = 1
 
@@ -315,7 +318,7 @@ class BottleneckBlock(_Block):
         self._residual = set_layers(self, (
             [Conv2dFixedPadding(filters, 1, 1, name='conv_0'), self._bn('bn_0'),
              keras.layers.ReLU(name='relu_0')]
-            + self._conv_bn_relu(filters, strides, 1)
+            + self._conv_bn_relu(filters, strides, 1, selective_kernel=True)
             + [Conv2dFixedPadding(4 * filters, 1, 1, name='conv_2'),
                self._bn('bn_2', zero_init=True)]))
 
