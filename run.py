@@ -22,7 +22,7 @@ from absl import app, flags, logging
 # Set TF_ENABLE_ONEDNN_OPTS=0 to turn them off. Must be set before TensorFlow is imported.
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '1')
 
-from simclr_tf.config import CONTRASTIVE_LOSSES, Config, ConfigError
+from simclr_tf.config import CONTRASTIVE_LOSSES, FROZEN_BN_MODES, Config, ConfigError
 
 _DEFAULTS = Config()
 _HELP = {
@@ -111,6 +111,10 @@ _HELP = {
     'intra_op_threads': 'New. TensorFlow intra-op threads (0: its default, one per core).',
     'label_seed': 'New. Seed of the label_fraction subset (apart from --seed, so runs with '
                   'different seeds can share one subset).',
+    'frozen_bn': 'New. BN of the layers fine_tune_after_block (and ft_proj_selector) freeze, in a '
+                 'training step: batch (the authors\' code) normalises with batch statistics and '
+                 'updates the moving averages; inference keeps the pretrained statistics. Their '
+                 'weights are never trained in either mode.',
 }
 _ENUMS = {
     'learning_rate_scaling': ['linear', 'sqrt'],
@@ -121,6 +125,7 @@ _ENUMS = {
     'contrastive_loss': list(CONTRASTIVE_LOSSES),
     'brightness': ['multiplicative', 'additive'],
     'mixed_precision': ['none', 'bfloat16', 'float16'],
+    'frozen_bn': list(FROZEN_BN_MODES),
 }
 
 

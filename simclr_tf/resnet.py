@@ -16,11 +16,12 @@ all float32 whatever the mixed-precision policy. Images are float [N, H, W, 3] i
 normalised, as the authors' models expect.
 
 Fine-tuning from a block (`fine_tune_after_block = k >= 0`; 0 = stem, 1..4 = block groups) freezes
-stages 0..k: their output is behind `tf.stop_gradient`, and the stages are set `trainable=False`, so
-their variables leave `trainable_variables` (no weight decay) and their BN runs in inference mode,
-keeping the pretrained moving statistics. The authors' code stopped the gradient and passed
-`trainable=False` to the stages' constructors only, which Keras 2 does not propagate to the nested
-layers, so their BN layers kept normalising with, and updating, batch statistics.
+stages 0..k: their output is behind `tf.stop_gradient` and their weights leave `trainable_variables`
+(never trained, never decayed). Their BN follows `frozen_bn` (see `freeze`). By default ('batch')
+it does what the authors' code does: their stages get `trainable=False` on the wrapper layers only,
+so the tf-keras BN inside still normalises with batch statistics and updates its moving averages
+in a `training=True` call (measured with tf-keras 2.21). 'inference' keeps the pretrained moving
+statistics instead (Keras 3's `trainable=False` BN).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from simclr_tf.config import Config
+from simclr_tf.config import FROZEN_BN_MODES, Config
 
 BATCH_NORM_EPSILON = 1e-5
 STAGES = ('initial_conv', 'initial_max_pool', 'block_group1', 'block_group2', 'block_group3',
@@ -57,6 +58,20 @@ def batch_norm(batch_norm_decay: float, global_bn: bool, zero_init: bool = False
     return keras.layers.BatchNormalization(
         momentum=batch_norm_decay, epsilon=BATCH_NORM_EPSILON, center=center, scale=True,
         gamma_initializer='zeros' if zero_init else 'ones', synchronized=global_bn, name=name)
+
+
+def freeze(layer: keras.layers.Layer, frozen_bn: str = 'batch') -> None:
+    """Takes a built layer's weights out of training. frozen_bn='batch': only the variables are
+    made untrainable, so its BN layers stay in training mode (batch statistics, moving averages
+    updated) in a training=True call, as the authors' code; 'inference': the layer is set
+    `trainable=False`, which in Keras 3 also runs its BN on the moving statistics, untouched."""
+    if frozen_bn not in FROZEN_BN_MODES:
+        raise ValueError(f'frozen_bn={frozen_bn!r} must be one of {", ".join(FROZEN_BN_MODES)}')
+    if frozen_bn == 'inference':
+        layer.trainable = False
+    else:
+        for variable in layer.variables:
+            variable.trainable = False
 
 
 def set_layers(owner: keras.layers.Layer, layers: list) -> list[str]:
@@ -420,8 +435,8 @@ class ResNet(keras.layers.Layer):
 
     def __init__(self, depth: int = 50, width_multiplier: float = 1.0, cifar_stem: bool = False,
                  sk_ratio: float = 0.0, se_ratio: float = 0.0, batch_norm_decay: float = 0.9,
-                 global_bn: bool = False, fine_tune_after_block: int = -1, name: str = 'resnet',
-                 **kwargs):
+                 global_bn: bool = False, fine_tune_after_block: int = -1,
+                 frozen_bn: str = 'batch', name: str = 'resnet', **kwargs):
         super().__init__(name=name, **kwargs)
         if depth not in ARCHITECTURES:
             raise ValueError(f'resnet depth {depth} is not one of {sorted(ARCHITECTURES)}')
@@ -430,7 +445,7 @@ class ResNet(keras.layers.Layer):
         self.depth, self.width_multiplier, self.cifar_stem = depth, width_multiplier, cifar_stem
         self.sk_ratio, self.se_ratio = sk_ratio, se_ratio
         self.batch_norm_decay, self.global_bn = batch_norm_decay, global_bn
-        self.fine_tune_after_block = fine_tune_after_block
+        self.fine_tune_after_block, self.frozen_bn = fine_tune_after_block, frozen_bn
 
         bn_args = dict(batch_norm_decay=batch_norm_decay, global_bn=global_bn)
         block, num_blocks = ARCHITECTURES[depth]
@@ -441,17 +456,21 @@ class ResNet(keras.layers.Layer):
                        block_args=dict(sk_ratio=sk_ratio, se_ratio=se_ratio, **bn_args),
                        name=f'block_group{i + 1}')
             for i, n in enumerate(num_blocks)])
-        # Freeze before any variable exists: Keras 3 then creates them non-trainable.
-        for stage in ([self.stem] + self.block_groups)[:fine_tune_after_block + 1]:
-            stage.trainable = False
 
     @property
     def block_groups(self) -> list[BlockGroup]:
         return get_layers(self, self._block_groups)
 
+    @property
+    def frozen_stages(self) -> list[keras.layers.Layer]:
+        """The stem and block groups up to `fine_tune_after_block`."""
+        return ([self.stem] + self.block_groups)[:self.fine_tune_after_block + 1]
+
     def build(self, input_shape):
         self.stem.build(input_shape)
         _build_sequence(self.block_groups, self.stem.compute_output_shape(input_shape)[1])
+        for stage in self.frozen_stages:
+            freeze(stage, self.frozen_bn)
 
     def compute_output_shape(self, input_shape):
         initial_conv, shape = self.stem.compute_output_shape(input_shape)
@@ -486,7 +505,7 @@ class ResNet(keras.layers.Layer):
                 'width_multiplier': self.width_multiplier, 'cifar_stem': self.cifar_stem,
                 'sk_ratio': self.sk_ratio, 'se_ratio': self.se_ratio,
                 'batch_norm_decay': self.batch_norm_decay, 'global_bn': self.global_bn,
-                'fine_tune_after_block': self.fine_tune_after_block}
+                'fine_tune_after_block': self.fine_tune_after_block, 'frozen_bn': self.frozen_bn}
 
 
 def resnet_from_config(config: Config) -> ResNet:
@@ -496,4 +515,5 @@ def resnet_from_config(config: Config) -> ResNet:
         cifar_stem=config.cifar_stem, sk_ratio=config.sk_ratio, se_ratio=config.se_ratio,
         batch_norm_decay=config.batch_norm_decay, global_bn=config.global_bn,
         fine_tune_after_block=(config.fine_tune_after_block
-                               if config.train_mode == 'finetune' else -1))
+                               if config.train_mode == 'finetune' else -1),
+        frozen_bn=config.frozen_bn)
