@@ -66,7 +66,7 @@ _HELP = {
     'momentum': 'Momentum parameter.',
     'eval_name': 'Name for eval (summaries go to model_dir/eval_name).',
     'keep_checkpoint_max': 'Maximum number of checkpoints to keep.',
-    'keep_hub_module_max': 'Maximum number of SavedModel exports to keep.',
+    'keep_hub_module_max': 'Maximum number of SavedModel exports to keep (0: keep every one).',
     'temperature': 'Temperature parameter for the contrastive loss.',
     'hidden_norm': 'Temperature parameter for contrastive loss: l2-normalise the projection '
                    'output.',
@@ -83,8 +83,8 @@ _HELP = {
     'image_size': 'Input image size.',
     'color_jitter_strength': 'The strength of color jittering.',
     'use_blur': 'Whether or not to use Gaussian blur for augmentation during pretraining.',
-    'train_summary_steps': 'Steps between training summaries (TF1 flag); also bounds steps per '
-                           'loop.',
+    'train_summary_steps': 'Steps between training summaries (TF1 flag; 0: no step summaries); '
+                           'also bounds steps per loop.',
     'variable_schema': 'Regex (re.match on variable paths) of checkpoint variables to restore '
                        'when starting from --checkpoint (TF1 flag).',
     'contrastive_loss': 'New. The contrastive objective (paper Table 2).',
@@ -98,7 +98,7 @@ _HELP = {
     'jit_compile': 'New. Compile the training step with XLA (one replica, or TPU).',
     'mixed_precision': 'New. Mixed precision policy: none, bfloat16 or float16.',
     'steps_per_loop': 'New. Steps per tf.function call (0: min(checkpoint steps, '
-                      'train_summary_steps)).',
+                      'train_summary_steps if > 0)).',
     'knn_k': 'New. Neighbours of the kNN monitor at eval.',
     'knn_temperature': 'New. Temperature of the kNN monitor\'s weighted vote.',
     'knn_train_examples': 'New. Train examples the kNN monitor uses (0 turns it off).',

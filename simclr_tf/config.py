@@ -60,7 +60,7 @@ class Config:
     momentum: float = 0.9
     eval_name: Optional[str] = None
     keep_checkpoint_max: int = 5
-    keep_hub_module_max: int = 1
+    keep_hub_module_max: int = 1  # 0 keeps every export, as the authors' code
     # --- loss and heads ---
     temperature: float = 0.1
     hidden_norm: bool = True
@@ -79,7 +79,7 @@ class Config:
     color_jitter_strength: float = 1.0
     use_blur: bool = True
     # --- from the TF1 version ---
-    train_summary_steps: int = 100
+    train_summary_steps: int = 100  # 0: no step summaries, as the TF1 flag
     # The TF1 default '?!global_step' is not a valid regex (re.compile raises); its evident
     # meaning, every variable but the global step, is written out here.
     variable_schema: str = '(?!global_step)'
@@ -93,7 +93,7 @@ class Config:
     cpu_replicas: int = 0
     jit_compile: bool = False
     mixed_precision: str = 'none'  # none | bfloat16 | float16
-    steps_per_loop: int = 0  # 0: min(checkpoint steps, train_summary_steps)
+    steps_per_loop: int = 0  # 0: min(checkpoint steps, train_summary_steps if > 0)
     knn_k: int = 200
     knn_temperature: float = 0.1
     knn_train_examples: int = 100_000  # train examples the kNN monitor uses; 0 turns it off
@@ -167,12 +167,13 @@ class Config:
         choice('frozen_bn', FROZEN_BN_MODES)
 
         for field in ('train_batch_size', 'eval_batch_size', 'image_size', 'proj_out_dim',
-                      'keep_checkpoint_max', 'keep_hub_module_max', 'train_summary_steps', 'knn_k'):
+                      'keep_checkpoint_max', 'knn_k'):
             check(getattr(self, field) > 0, f'{field}={getattr(self, field)} must be > 0')
         for field in ('train_steps', 'eval_steps', 'checkpoint_steps', 'train_epochs',
                       'checkpoint_epochs', 'cpu_replicas', 'steps_per_loop', 'warmup_epochs',
                       'weight_decay', 'learning_rate', 'knn_train_examples', 'eval_timeout',
-                      'inter_op_threads', 'intra_op_threads'):
+                      'inter_op_threads', 'intra_op_threads', 'keep_hub_module_max',
+                      'train_summary_steps'):
             check(getattr(self, field) >= 0, f'{field}={getattr(self, field)} must be >= 0')
         check(self.train_steps > 0 or self.train_epochs > 0,
               'one of train_steps or train_epochs must be > 0')

@@ -66,6 +66,15 @@ def build_state(config: Config, strategy: tf.distribute.Strategy, info: data.Dat
                       optim.checkpoint_steps(config, info.num_train_examples))
 
 
+def steps_per_loop(config: Config, checkpoint_steps: int) -> int:
+    """Steps per tf.function call: `steps_per_loop`, else up to the next summary or checkpoint."""
+    if config.steps_per_loop:
+        return config.steps_per_loop
+    if config.train_summary_steps > 0:
+        return min(checkpoint_steps, config.train_summary_steps)
+    return checkpoint_steps
+
+
 def two_views_to_batch(images: tf.Tensor, config: Config, seed=None) -> tf.Tensor:
     """[b, S, S, 6] (two views on channels) -> [2b, S, S, 3]: first views, then second views."""
     views = tf.split(images, 2, axis=-1)
@@ -199,12 +208,13 @@ def train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetIn
     if start >= state.total_steps:
         logging.info('already trained to step %d of %d', start, state.total_steps)
         return state
-    if chief and start == 0:
+    if chief and start == 0 and config.train_summary_steps > 0:
         _write_image_summary(config, info, writer, 0)
     dataset = data.build_distributed_dataset(strategy, config, True, start_step=start)
     iterator = iter(dataset)
     loop = make_loop_fn(config, state, strategy)
-    per_loop = config.steps_per_loop or min(state.checkpoint_steps, config.train_summary_steps)
+    per_loop = steps_per_loop(config, state.checkpoint_steps)
+    summaries = config.train_summary_steps > 0  # 0: no step summaries, as the TF1 flag
     interactive = chief and sys.stderr.isatty()
     run_start, run_images = time.time(), 0
 
@@ -225,10 +235,11 @@ def train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetIn
                     'rate or check the input data.')
             metrics = dict(zip(names, map(float, values)))
             lr = float(state.schedule(step - 1))
-            with writer.as_default():
-                for k, v in metrics.items():
-                    tf.summary.scalar(k, v, step=step)
-                tf.summary.scalar('learning_rate', lr, step=step)
+            if summaries:
+                with writer.as_default():
+                    for k, v in metrics.items():
+                        tf.summary.scalar(k, v, step=step)
+                    tf.summary.scalar('learning_rate', lr, step=step)
             images = n * config.train_batch_size
             run_images += images
             rate = run_images / max(time.time() - run_start, 1e-9)
