@@ -51,7 +51,8 @@ _HELP = {
                                     'while pretraining (behind a stop-gradient).',
     'checkpoint': 'Checkpoint prefix or directory to start from (fine-tuning), if model_dir has '
                   'none.',
-    'zero_init_logits_layer': 'If True, zero-initialise the supervised head after restoring.',
+    'zero_init_logits_layer': 'If True, zero-initialise the supervised head after restoring from '
+                              '--checkpoint (a run without one keeps N(0, 0.01)).',
     'fine_tune_after_block': 'Freeze the encoder up to this block when fine-tuning: -1 none, '
                              '0 the stem, 1..4 block groups (4 = linear evaluation).',
     'master': 'Address/name of the TensorFlow master to use (TPU). By default, local.',

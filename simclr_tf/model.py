@@ -41,8 +41,10 @@ class SimCLRModel(keras.Model):
         self.config, self.num_classes = config, num_classes
         self.encoder = resnet_from_config(config)
         self.projection_head = ProjectionHead(config)
-        self.supervised_head = (SupervisedHead(num_classes, config.zero_init_logits_layer)
-                                if has_supervised_head(config) else None)
+        # N(0, 0.01) initialisation; zero_init_logits_layer zeroes it only when a run starts from
+        # --checkpoint (checkpoint.Checkpointer), as the authors' code.
+        self.supervised_head = (SupervisedHead(num_classes) if has_supervised_head(config)
+                                else None)
         for part in self._parts():
             # Root the part's variable paths at its own name. Keras 3 would otherwise prefix them
             # with the model's name, and nothing public sets a layer's path.

@@ -194,11 +194,6 @@ def test_out_of_range_ft_proj_selector_is_rejected_with_the_valid_range(mode, la
         config.validate()
 
 
-def test_zero_init_logits_layer_starts_with_zero_logits():
-    model = build_model(TINY.replace(zero_init_logits_layer=True), NUM_CLASSES)
-    assert not np.any(model(images(2), training=False)['logits_sup'])
-
-
 def test_tf_function_matches_eager(pretrain_model):
     x = images()
     eager = pretrain_model(x, training=False)
