@@ -164,6 +164,8 @@ def summary(result: dict) -> str:
     names = {'eval/label_top_1_accuracy': 'linear head top-1',
              'eval/label_top_5_accuracy': 'top-5', 'eval/knn_top_1_accuracy': 'kNN top-1'}
     parts = [f'{label} {result[k]:.3f}' for k, label in names.items() if k in result]
+    if 'eval/knn_num_train_examples' in result:
+        parts[-1] += f' ({int(result["eval/knn_num_train_examples"])} labelled train examples)'
     lines = [f'step {int(result["global_step"])}: ' + ', '.join(parts)
              + f' on {int(result["eval/num_examples"])} {FLAGS.eval_split} examples']
     if result.get('saved_model'):
