@@ -127,10 +127,24 @@ def make_step_fn(config: Config, state: TrainState, strategy: tf.distribute.Stra
     return step_fn
 
 
+def use_jit(config: Config, strategy: tf.distribute.Strategy) -> bool:
+    """Whether to XLA-compile the replica step: --jit_compile with one replica (says why not)."""
+    replicas = strategy.num_replicas_in_sync
+    if config.jit_compile and replicas > 1:
+        # Measured (2 CPU replicas, MirroredStrategy): XLA refuses to run the step, "Trying to
+        # access resource .../replica_1 located in device CPU:1 from device CPU:0".
+        logging.warning(
+            '--jit_compile is ignored with %d replicas: an XLA-compiled replica step cannot reach '
+            'the mirrored variables and cross-replica reductions that live on the other replicas\' '
+            'devices (tensorflow.org/xla/known_issues); training runs uncompiled. (On TPU, '
+            'TPUStrategy compiles the step with XLA anyway.)', replicas)
+    return config.jit_compile and replicas == 1
+
+
 def make_loop_fn(config: Config, state: TrainState, strategy: tf.distribute.Strategy) -> Callable:
     """`loop(iterator, n)`: n steps inside one tf.function; the metrics averaged over them."""
     step_fn = make_step_fn(config, state, strategy)
-    jit = config.jit_compile and strategy.num_replicas_in_sync == 1
+    jit = use_jit(config, strategy)
 
     # XLA compiles the step, not the loop: the iterator cannot live inside an XLA cluster.
     replica_step = tf.function(step_fn, jit_compile=True) if jit else step_fn

@@ -1,4 +1,5 @@
-"""The authors' README command lines (TF1 and TF2 versions) are accepted, with their meanings."""
+"""Flag values users pass: the authors' README command lines (TF1 and TF2), the presets, and
+flags whose values change behaviour (train_summary_steps=0, keep_hub_module_max=0, jit_compile)."""
 
 import glob
 import os
@@ -111,3 +112,32 @@ def test_train_summary_steps_0_writes_no_step_summaries(tmp_path, sample_dir):
         for event in tf.compat.v1.train.summary_iterator(path):
             tags |= {v.tag for v in event.summary.value}
     assert not tags, tags
+
+
+@pytest.mark.parametrize('preset', sorted(os.listdir(os.path.join(REPO, 'flags'))))
+def test_every_preset_parses_and_validates(preset):
+    path = os.path.join(REPO, 'flags', preset)
+    config_of(f'python run.py --flagfile={path}', '--train_steps=1')
+    header = [line for line in open(path) if line.startswith('#')]
+    assert header, f'{preset} states no source'
+
+
+@pytest.mark.parametrize('preset,layers,brightness,source', [
+    ('imagenet_pretrain_r50_v1.cfg', 2, 'additive', 'SimCLR (v1) as the paper'),
+    ('imagenet_pretrain_r50_v2.cfg', 3, 'multiplicative', 'SimCLRv2 pretraining as its paper'),
+    ('imagenet_pretrain_r50.cfg', 3, 'multiplicative', "The authors' README ImageNet")])
+def test_imagenet_presets_have_their_sources_heads(preset, layers, brightness, source):
+    path = os.path.join(REPO, 'flags', preset)
+    config = config_of(f'python run.py --flagfile={path}')
+    assert (config.num_proj_layers, config.brightness) == (layers, brightness)
+    assert source in open(path).read()
+
+
+def test_jit_compile_with_several_replicas_warns_why_it_is_ignored(two_replicas, caplog):
+    config = Config(jit_compile=True, use_tpu=False)
+    with caplog.at_level('WARNING'):
+        assert train.use_jit(config, tf.distribute.get_strategy())
+        assert not caplog.records
+        assert not train.use_jit(config, two_replicas)
+    assert '--jit_compile is ignored with 2 replicas' in caplog.text
+    assert 'XLA' in caplog.text and "other replicas' devices" in caplog.text
