@@ -14,7 +14,8 @@ TINY = Config(resnet_depth=18, width_multiplier=0.125, image_size=16, proj_out_d
 
 @pytest.fixture(scope='module')
 def pretrained_without_head(tmp_path_factory):
-    """A pretraining checkpoint of a run without lineareval_while_pretraining: no supervised head."""
+    """A checkpoint of a pretraining run without lineareval_while_pretraining: no supervised
+    head."""
     model = build_model(TINY.replace(lineareval_while_pretraining=False), 10)
     assert model.supervised_head is None
     path = tf.train.Checkpoint(model=model).save(str(tmp_path_factory.mktemp('pre') / 'ckpt'))
