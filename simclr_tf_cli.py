@@ -24,7 +24,7 @@ from absl import app, flags, logging
 # Set TF_ENABLE_ONEDNN_OPTS=0 to turn them off. Must be set before TensorFlow is imported.
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '1')
 
-from simclr_tf.config import CONTRASTIVE_LOSSES, Config, ConfigError
+from simclr_tf.config import CONTRASTIVE_LOSSES, FROZEN_BN_MODES, Config, ConfigError
 
 _DEFAULTS = Config()
 _HELP = {
@@ -54,7 +54,8 @@ _HELP = {
     'checkpoint': 'Checkpoint prefix or directory to start from (fine-tuning), if model_dir has '
                   'none: one of this project, or one of the authors\' TF2 checkpoints or '
                   'SavedModels (their model zoo, local or gs://; see the README).',
-    'zero_init_logits_layer': 'If True, zero-initialise the supervised head after restoring.',
+    'zero_init_logits_layer': 'If True, zero-initialise the supervised head after restoring from '
+                              '--checkpoint (a run without one keeps N(0, 0.01)).',
     'fine_tune_after_block': 'Freeze the encoder up to this block when fine-tuning: -1 none, '
                              '0 the stem, 1..4 block groups (4 = linear evaluation).',
     'master': 'Address/name of the TensorFlow master to use (TPU). By default, local.',
@@ -69,7 +70,7 @@ _HELP = {
     'momentum': 'Momentum parameter.',
     'eval_name': 'Name for eval (summaries go to model_dir/eval_name).',
     'keep_checkpoint_max': 'Maximum number of checkpoints to keep.',
-    'keep_hub_module_max': 'Maximum number of SavedModel exports to keep.',
+    'keep_hub_module_max': 'Maximum number of SavedModel exports to keep (0: keep every one).',
     'temperature': 'Temperature parameter for the contrastive loss.',
     'hidden_norm': 'Temperature parameter for contrastive loss: l2-normalise the projection '
                    'output.',
@@ -86,8 +87,8 @@ _HELP = {
     'image_size': 'Input image size.',
     'color_jitter_strength': 'The strength of color jittering.',
     'use_blur': 'Whether or not to use Gaussian blur for augmentation during pretraining.',
-    'train_summary_steps': 'Steps between training summaries (TF1 flag); also bounds steps per '
-                           'loop.',
+    'train_summary_steps': 'Steps between training summaries (TF1 flag; 0: no step summaries); '
+                           'also bounds steps per loop.',
     'variable_schema': 'Regex (re.match on variable paths) of checkpoint variables to restore '
                        'when starting from --checkpoint (TF1 flag).',
     'contrastive_loss': 'New. The contrastive objective (paper Table 2).',
@@ -101,7 +102,7 @@ _HELP = {
     'jit_compile': 'New. Compile the training step with XLA (one replica, or TPU).',
     'mixed_precision': 'New. Mixed precision policy: none, bfloat16 or float16.',
     'steps_per_loop': 'New. Steps per tf.function call (0: min(checkpoint steps, '
-                      'train_summary_steps)).',
+                      'train_summary_steps if > 0)).',
     'knn_k': 'New. Neighbours of the kNN monitor at eval.',
     'knn_temperature': 'New. Temperature of the kNN monitor\'s weighted vote.',
     'knn_train_examples': 'New. Train examples the kNN monitor uses (0 turns it off).',
@@ -114,6 +115,10 @@ _HELP = {
     'intra_op_threads': 'New. TensorFlow intra-op threads (0: its default, one per core).',
     'label_seed': 'New. Seed of the label_fraction subset (apart from --seed, so runs with '
                   'different seeds can share one subset).',
+    'frozen_bn': 'New. BN of the layers fine_tune_after_block (and ft_proj_selector) freeze, in a '
+                 'training step: batch (the authors\' code) normalises with batch statistics and '
+                 'updates the moving averages; inference keeps the pretrained statistics. Their '
+                 'weights are never trained in either mode.',
 }
 _ENUMS = {
     'learning_rate_scaling': ['linear', 'sqrt'],
@@ -124,6 +129,7 @@ _ENUMS = {
     'contrastive_loss': list(CONTRASTIVE_LOSSES),
     'brightness': ['multiplicative', 'additive'],
     'mixed_precision': ['none', 'bfloat16', 'float16'],
+    'frozen_bn': list(FROZEN_BN_MODES),
 }
 
 
@@ -161,6 +167,8 @@ def summary(result: dict) -> str:
     names = {'eval/label_top_1_accuracy': 'linear head top-1',
              'eval/label_top_5_accuracy': 'top-5', 'eval/knn_top_1_accuracy': 'kNN top-1'}
     parts = [f'{label} {result[k]:.3f}' for k, label in names.items() if k in result]
+    if 'eval/knn_num_train_examples' in result:
+        parts[-1] += f' ({int(result["eval/knn_num_train_examples"])} labelled train examples)'
     lines = [f'step {int(result["global_step"])}: ' + ', '.join(parts)
              + f' on {int(result["eval/num_examples"])} {FLAGS.eval_split} examples']
     if result.get('saved_model'):

@@ -9,6 +9,7 @@ import shutil
 from typing import Optional
 
 import tensorflow as tf
+from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from simclr_tf import authors
 from simclr_tf.config import Config, ConfigError
@@ -105,6 +106,9 @@ class Checkpointer:
                 restored, notes = restore_matching(model, source, self.config.variable_schema), []
             message = f'initialised {len(restored)} variables from {source}'
             message += ''.join(f'; {note}' for note in notes)
+            new = new_parts(model, restored)
+            if new:
+                message += f'; new (freshly initialised): {", ".join(new)}'
             if self.config.zero_init_logits_layer and model.supervised_head is not None:
                 for v in model.supervised_head.trainable_variables:
                     v.assign(tf.zeros_like(v))
@@ -121,10 +125,18 @@ def restore_matching(model: tf.keras.Model, source: str, schema: str) -> list[st
     supervised head has another number of classes can still seed the encoder.
     """
     pattern = re.compile(schema)
-    parts = {name: getattr(model, name) for name in ('encoder', 'projection_head', 'supervised_head')}
-    parts = {name: layer for name, layer in parts.items() if layer is not None}
+    parts = _parts(model)
     selected = {name: [v for v in layer.variables if pattern.match(v.path)]
                 for name, layer in parts.items()}
+    # A part the checkpoint does not hold at all (the supervised head of a run pretrained without
+    # lineareval_while_pretraining) starts fresh, as the authors' restore(...).expect_partial().
+    saved = saved_parts(source)
+    if selected and not saved & set(parts):
+        raise ConfigError(f'checkpoint={source!r} holds none of this model\'s parts '
+                          f'({", ".join(parts)})')
+    for name in [n for n in selected if selected[n] and n not in saved]:
+        logging.info('checkpoint %s holds no %s: it starts freshly initialised', source, name)
+        selected[name] = []
     wanted = {name: layer for name, layer in parts.items() if selected[name]}
     keep = {id(v): v.numpy() for v in model.variables if not pattern.match(v.path)}
     if wanted:
@@ -140,5 +152,31 @@ def restore_matching(model: tf.keras.Model, source: str, schema: str) -> list[st
         if id(v) in keep:
             v.assign(keep[id(v)])
     restored = [v.path for vs in selected.values() for v in vs]
-    logging.info('restored %d variables matching %r from %s', len(restored), schema, source)
+    logging.info('restored %d variables matching %r from %s: %s', len(restored), schema, source,
+                 ', '.join(f'{n} {len(vs)}' for n, vs in selected.items()))
     return restored
+
+
+def saved_parts(source: str) -> set[str]:
+    """The model parts a checkpoint of this project holds, read from its object graph (older
+    checkpoints key head weights under the optimizer, so their key names do not tell)."""
+    reader = tf.train.load_checkpoint(source)
+    if not reader.has_tensor('_CHECKPOINTABLE_OBJECT_GRAPH'):  # written without objects
+        return {name.split('/')[1] for name in reader.get_variable_to_shape_map()
+                if name.startswith('model/') and name.count('/') > 1}
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor('_CHECKPOINTABLE_OBJECT_GRAPH'))
+    model = [c.node_id for c in graph.nodes[0].children if c.local_name == 'model']
+    return {c.local_name for c in graph.nodes[model[0]].children} if model else set()
+
+
+def _parts(model: tf.keras.Model) -> dict:
+    parts = {name: getattr(model, name) for name in ('encoder', 'projection_head', 'supervised_head')}
+    return {name: layer for name, layer in parts.items() if layer is not None}
+
+
+def new_parts(model: tf.keras.Model, restored: list[str]) -> list[str]:
+    """The model's parts none of whose variables came from the checkpoint."""
+    restored = set(restored)
+    return [name for name, layer in _parts(model).items()
+            if not any(v.path in restored for v in layer.variables)]

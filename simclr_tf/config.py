@@ -15,6 +15,9 @@ from typing import Any, Optional
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 AUGMENTATIONS = ('crop', 'flip', 'color', 'blur', 'cutout', 'sobel', 'noise', 'rotate')
 CONTRASTIVE_LOSSES = ('nt_xent', 'nt_logistic', 'margin_triplet')
+# BN of frozen layers in a training step: 'batch' (the authors') normalises with batch statistics
+# and updates the moving averages; 'inference' uses the pretrained moving statistics, untouched.
+FROZEN_BN_MODES = ('batch', 'inference')
 
 
 class ConfigError(ValueError):
@@ -57,7 +60,7 @@ class Config:
     momentum: float = 0.9
     eval_name: Optional[str] = None
     keep_checkpoint_max: int = 5
-    keep_hub_module_max: int = 1
+    keep_hub_module_max: int = 1  # 0 keeps every export, as the authors' code
     # --- loss and heads ---
     temperature: float = 0.1
     hidden_norm: bool = True
@@ -76,7 +79,7 @@ class Config:
     color_jitter_strength: float = 1.0
     use_blur: bool = True
     # --- from the TF1 version ---
-    train_summary_steps: int = 100
+    train_summary_steps: int = 100  # 0: no step summaries, as the TF1 flag
     # The TF1 default '?!global_step' is not a valid regex (re.compile raises); its evident
     # meaning, every variable but the global step, is written out here.
     variable_schema: str = '(?!global_step)'
@@ -90,7 +93,7 @@ class Config:
     cpu_replicas: int = 0
     jit_compile: bool = False
     mixed_precision: str = 'none'  # none | bfloat16 | float16
-    steps_per_loop: int = 0  # 0: min(checkpoint steps, train_summary_steps)
+    steps_per_loop: int = 0  # 0: min(checkpoint steps, train_summary_steps if > 0)
     knn_k: int = 200
     knn_temperature: float = 0.1
     knn_train_examples: int = 100_000  # train examples the kNN monitor uses; 0 turns it off
@@ -99,6 +102,7 @@ class Config:
     inter_op_threads: int = 0  # TensorFlow's thread pools; 0 = its default (one per core)
     intra_op_threads: int = 0
     label_seed: int = 0  # which label subset (independent of `seed`, so runs can share one)
+    frozen_bn: str = 'batch'  # see FROZEN_BN_MODES
 
     # ------------------------------------------------------------------
     @property
@@ -114,6 +118,12 @@ class Config:
     def num_proj_outputs(self) -> int:
         """How many tensors the projection head exposes after h (ft_proj_selector's range)."""
         return {'none': 0, 'linear': 1, 'nonlinear': self.num_proj_layers}[self.proj_head_mode]
+
+    @property
+    def ft_proj_index(self) -> int:
+        """ft_proj_selector as an index >= 0 into hiddens = [h, g_1, ..., z]: negative selectors
+        count from the end (-1 is z), as the authors' Python indexing of that list."""
+        return self.ft_proj_selector % (self.num_proj_outputs + 1)
 
     def replace(self, **changes: Any) -> 'Config':
         return dataclasses.replace(self, **changes)
@@ -154,14 +164,16 @@ class Config:
         choice('contrastive_loss', CONTRASTIVE_LOSSES)
         choice('brightness', ('multiplicative', 'additive'))
         choice('mixed_precision', ('none', 'bfloat16', 'float16'))
+        choice('frozen_bn', FROZEN_BN_MODES)
 
         for field in ('train_batch_size', 'eval_batch_size', 'image_size', 'proj_out_dim',
-                      'keep_checkpoint_max', 'keep_hub_module_max', 'train_summary_steps', 'knn_k'):
+                      'keep_checkpoint_max', 'knn_k'):
             check(getattr(self, field) > 0, f'{field}={getattr(self, field)} must be > 0')
         for field in ('train_steps', 'eval_steps', 'checkpoint_steps', 'train_epochs',
                       'checkpoint_epochs', 'cpu_replicas', 'steps_per_loop', 'warmup_epochs',
                       'weight_decay', 'learning_rate', 'knn_train_examples', 'eval_timeout',
-                      'inter_op_threads', 'intra_op_threads'):
+                      'inter_op_threads', 'intra_op_threads', 'keep_hub_module_max',
+                      'train_summary_steps'):
             check(getattr(self, field) >= 0, f'{field}={getattr(self, field)} must be >= 0')
         check(self.train_steps > 0 or self.train_epochs > 0,
               'one of train_steps or train_epochs must be > 0')
@@ -181,11 +193,13 @@ class Config:
         check(self.proj_head_mode != 'nonlinear' or self.num_proj_layers >= 1,
               f'num_proj_layers={self.num_proj_layers} must be >= 1 with proj_head_mode=nonlinear')
         if self.proj_head_mode in ('none', 'linear', 'nonlinear'):
-            # -1 is the last layer, as the original's Python indexing of its hidden list.
-            check(-1 <= self.ft_proj_selector <= self.num_proj_outputs,
+            # Python indexing into hiddens = [h, g_1, ..., z], as the authors' code.
+            last = self.num_proj_outputs
+            check(-(last + 1) <= self.ft_proj_selector <= last,
                   f'ft_proj_selector={self.ft_proj_selector} is out of range: with '
                   f'proj_head_mode={self.proj_head_mode} and num_proj_layers={self.num_proj_layers}'
-                  f' it must be in [-1, {self.num_proj_outputs}]')
+                  f' it indexes [h, ...] of {last + 1} tensors, so it must be in '
+                  f'[{-(last + 1)}, {last}]')
         check(-1 <= self.fine_tune_after_block <= 4,
               f'fine_tune_after_block={self.fine_tune_after_block} must be in [-1, 4]')
         check(not (self.train_mode == 'pretrain' and self.fine_tune_after_block != -1),

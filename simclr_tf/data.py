@@ -359,12 +359,14 @@ def examples(config: Config, split: str) -> tf.data.Dataset:
 
 def build_dataset(config: Config, is_training: bool,
                   input_context: Optional[tf.distribute.InputContext] = None,
-                  start_step: int = 0) -> tf.data.Dataset:
+                  start_step: int = 0, labelled_only: bool = False) -> tf.data.Dataset:
     """Per-replica batches of (images [b, S, S, 3V] float32 in [0, 1], one-hot labels).
 
     Where the source's images share one size (CIFAR, most TFDS image sets) they are batched
     as they are and every augmentation runs on whole batches. Otherwise each image is cropped
     (the ops up to 'crop' in the list) on its own, and the rest runs on batches.
+    `labelled_only` (eval of train_split, e.g. the kNN monitor's bank): only the label_fraction
+    subset, as training reads it.
     """
     source = _source(config.dataset, config.data_dir)
     split = config.train_split if is_training else config.eval_split
@@ -376,7 +378,7 @@ def build_dataset(config: Config, is_training: bool,
         pipelines = input_context.num_input_pipelines
         pipeline = input_context.input_pipeline_id
         replicas = input_context.num_replicas_in_sync
-    if is_training:
+    if is_training or (labelled_only and split == config.train_split):
         items, n = _read_train(source, config, pipelines, pipeline)
     else:
         items, n = source.read(split, pipelines, pipeline)
@@ -470,7 +472,8 @@ def _shuffled_epochs(items: tf.data.Dataset, n: int, buffer: int, key: tf.Tensor
 
 
 def build_distributed_dataset(strategy: tf.distribute.Strategy, config: Config,
-                              is_training: bool, start_step: int = 0):
+                              is_training: bool, start_step: int = 0,
+                              labelled_only: bool = False):
     """A distributed dataset of per-replica batches, one input pipeline per worker."""
     return strategy.distribute_datasets_from_function(
-        lambda context: build_dataset(config, is_training, context, start_step))
+        lambda context: build_dataset(config, is_training, context, start_step, labelled_only))

@@ -36,13 +36,15 @@ def knn_classify(train_features: np.ndarray, train_labels: np.ndarray, features:
 
 def extract_features(model: tf.keras.Model, strategy: tf.distribute.Strategy, config: Config,
                      split: str, max_examples: Optional[int] = None,
-                     output: str = 'final_avg_pool') -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features, integer labels, supervised logits or empty) of a split, eval preprocessing."""
+                     output: str = 'final_avg_pool', labelled_only: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features, integer labels, supervised logits or empty) of a split, eval preprocessing;
+    `labelled_only`: of train_split, only the label_fraction subset."""
     cfg = config.replace(eval_split=split)
     steps = None
     if max_examples:
         steps = -(-max_examples // config.eval_batch_size)
-    dataset = data.build_distributed_dataset(strategy, cfg, False)
+    dataset = data.build_distributed_dataset(strategy, cfg, False, labelled_only=labelled_only)
 
     @tf.function
     def step(images, labels):
@@ -76,11 +78,18 @@ def evaluate(config: Config, strategy: tf.distribute.Strategy, model: tf.keras.M
         result['eval/label_top_1_accuracy'] = float(np.mean(top5[:, 0] == labels))
         result['eval/label_top_5_accuracy'] = float(np.mean(np.any(top5 == labels[:, None], 1)))
     if config.knn_train_examples:
+        # A semi-supervised run's monitor may use only the labels it trains with.
         train_feats, train_labels, _ = extract_features(
-            model, strategy, config, config.train_split, config.knn_train_examples)
+            model, strategy, config, config.train_split, config.knn_train_examples,
+            labelled_only=True)
         predicted = knn_classify(train_feats, train_labels, feats, info.num_classes,
                                  config.knn_k, config.knn_temperature)
         result['eval/knn_top_1_accuracy'] = float(np.mean(predicted == labels))
+        result['eval/knn_num_train_examples'] = int(train_labels.shape[0])
+        subset = (f' (the label_fraction={config.label_fraction:g} subset)'
+                  if config.train_mode == 'finetune' and config.label_fraction < 1 else '')
+        logging.info('kNN monitor: %d labelled %s examples%s', train_labels.shape[0],
+                     config.train_split, subset)
     result['global_step'] = step
     result['eval/num_examples'] = int(labels.shape[0])
     return result

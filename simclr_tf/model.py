@@ -5,9 +5,10 @@ What goes where, as the authors' TF2 model.py:
   a linear classifier is trained on hiddens[ft_proj_selector] behind a stop-gradient, so the
   labels never shape the representation.
 - finetune: the classifier sits on hiddens[ft_proj_selector] (h when 0, else a projection-head
-  layer, as SimCLRv2) and its gradient flows into everything up to there, except the encoder
-  stages frozen by `fine_tune_after_block`. The projection-head layers past the selector feed no
-  loss, so they are set non-trainable (the authors left them trainable without gradients);
+  layer, as SimCLRv2; negative selectors count from z = -1) and its gradient flows into everything
+  up to there, except the encoder stages frozen by `fine_tune_after_block`. The projection-head
+  layers past the selected tensor feed no loss, so they are frozen like those stages (the authors
+  left them trainable without gradients); their BN follows `frozen_bn` as the encoder's, and
   `proj_head_output` is still returned.
 
 Variable paths start with 'resnet/', 'head_contrastive/' and 'head_supervised/' (not with the
@@ -23,7 +24,7 @@ import tensorflow as tf
 
 from simclr_tf.config import Config
 from simclr_tf.heads import ProjectionHead, SupervisedHead
-from simclr_tf.resnet import resnet_from_config
+from simclr_tf.resnet import freeze, resnet_from_config
 
 
 def has_supervised_head(config: Config) -> bool:
@@ -40,15 +41,14 @@ class SimCLRModel(keras.Model):
         self.config, self.num_classes = config, num_classes
         self.encoder = resnet_from_config(config)
         self.projection_head = ProjectionHead(config)
-        self.supervised_head = (SupervisedHead(num_classes, config.zero_init_logits_layer)
-                                if has_supervised_head(config) else None)
+        # N(0, 0.01) initialisation; zero_init_logits_layer zeroes it only when a run starts from
+        # --checkpoint (checkpoint.Checkpointer), as the authors' code.
+        self.supervised_head = (SupervisedHead(num_classes) if has_supervised_head(config)
+                                else None)
         for part in self._parts():
             # Root the part's variable paths at its own name. Keras 3 would otherwise prefix them
             # with the model's name, and nothing public sets a layer's path.
             part._parent_path = ''
-        if config.train_mode == 'finetune':
-            for layer in self.projection_head.linear_layers[config.ft_proj_selector:]:
-                layer.trainable = False
 
     def _parts(self) -> list[keras.layers.Layer]:
         return [p for p in (self.encoder, self.projection_head, self.supervised_head) if p]
@@ -57,10 +57,14 @@ class SimCLRModel(keras.Model):
         self.encoder.build(input_shape)
         h_shape = (input_shape[0], self.encoder.output_dim)
         self.projection_head.build(h_shape)
+        index = self.config.ft_proj_index
+        if self.config.train_mode == 'finetune':
+            # Layer j makes hiddens[j + 1]: those past the selected tensor feed no loss.
+            for layer in self.projection_head.linear_layers[index:]:
+                freeze(layer, self.config.frozen_bn)
         if self.supervised_head is not None:
-            selector = self.config.ft_proj_selector
             # hiddens are [h, hidden layers (width of h)..., z]
-            last = selector == self.config.num_proj_outputs and selector > 0
+            last = index == self.config.num_proj_outputs and index > 0
             dim = self.config.proj_out_dim if last else self.encoder.output_dim
             self.supervised_head.build((input_shape[0], dim))
 
@@ -71,7 +75,7 @@ class SimCLRModel(keras.Model):
         outputs['proj_head_input'] = h
         outputs['proj_head_output'] = tf.cast(z, tf.float32)
         if self.supervised_head is not None:
-            features = hiddens[self.config.ft_proj_selector]
+            features = hiddens[self.config.ft_proj_index]
             if self.config.train_mode == 'pretrain':
                 # Linear eval alongside pretraining must not change the representation.
                 features = tf.stop_gradient(features)

@@ -4,9 +4,10 @@ Depths 18 and 34 use basic blocks, 50-200 bottleneck blocks; widths are 64·2^i 
 (fractional multipliers allowed). Options of the paper and of SimCLRv2:
 
 - CIFAR stem (`cifar_stem`): a 3x3 stride-1 first conv and no max pool.
-- Selective Kernel (`sk_ratio > 0`): SK convs instead of the 3x3 convs, the ResNet-D deep stem
-  and average-pool projection shortcuts. (The authors use SK only in bottleneck blocks; here basic
-  blocks get it too, in place of their first 3x3 conv, so `sk_ratio` is never silently ignored.)
+- Selective Kernel (`sk_ratio > 0`), as the authors: the ResNet-D deep stem and average-pool
+  projection shortcuts at every depth, and SK convs in place of the bottleneck blocks' 3x3 convs.
+  Basic blocks (ResNet-18/34) keep plain 3x3 convs, as in the authors' code, so their published
+  layouts and parameter counts (R18 11,199,968; R34 21,308,128 at sk_ratio=0.0625) match.
 - Squeeze-excitation (`se_ratio > 0`) at the end of each residual branch.
 
 `ResNet.call` returns the named stages of the authors' hub modules: `initial_conv` (stem conv
@@ -15,11 +16,12 @@ all float32 whatever the mixed-precision policy. Images are float [N, H, W, 3] i
 normalised, as the authors' models expect.
 
 Fine-tuning from a block (`fine_tune_after_block = k >= 0`; 0 = stem, 1..4 = block groups) freezes
-stages 0..k: their output is behind `tf.stop_gradient`, and the stages are set `trainable=False`, so
-their variables leave `trainable_variables` (no weight decay) and their BN runs in inference mode,
-keeping the pretrained moving statistics. The authors' code stopped the gradient and passed
-`trainable=False` to the stages' constructors only, which Keras 2 does not propagate to the nested
-layers, so their BN layers kept normalising with, and updating, batch statistics.
+stages 0..k: their output is behind `tf.stop_gradient` and their weights leave `trainable_variables`
+(never trained, never decayed). Their BN follows `frozen_bn` (see `freeze`). By default ('batch')
+it does what the authors' code does: their stages get `trainable=False` on the wrapper layers only,
+so the tf-keras BN inside still normalises with batch statistics and updates its moving averages
+in a `training=True` call (measured with tf-keras 2.21). 'inference' keeps the pretrained moving
+statistics instead (Keras 3's `trainable=False` BN).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from simclr_tf.config import Config
+from simclr_tf.config import FROZEN_BN_MODES, Config
 
 BATCH_NORM_EPSILON = 1e-5
 STAGES = ('initial_conv', 'initial_max_pool', 'block_group1', 'block_group2', 'block_group3',
@@ -56,6 +58,20 @@ def batch_norm(batch_norm_decay: float, global_bn: bool, zero_init: bool = False
     return keras.layers.BatchNormalization(
         momentum=batch_norm_decay, epsilon=BATCH_NORM_EPSILON, center=center, scale=True,
         gamma_initializer='zeros' if zero_init else 'ones', synchronized=global_bn, name=name)
+
+
+def freeze(layer: keras.layers.Layer, frozen_bn: str = 'batch') -> None:
+    """Takes a built layer's weights out of training. frozen_bn='batch': only the variables are
+    made untrainable, so its BN layers stay in training mode (batch statistics, moving averages
+    updated) in a training=True call, as the authors' code; 'inference': the layer is set
+    `trainable=False`, which in Keras 3 also runs its BN on the moving statistics, untouched."""
+    if frozen_bn not in FROZEN_BN_MODES:
+        raise ValueError(f'frozen_bn={frozen_bn!r} must be one of {", ".join(FROZEN_BN_MODES)}')
+    if frozen_bn == 'inference':
+        layer.trainable = False
+    else:
+        for variable in layer.variables:
+            variable.trainable = False
 
 
 def set_layers(owner: keras.layers.Layer, layers: list) -> list[str]:
@@ -255,9 +271,10 @@ class _Block(_BNLayer):
                                             **bn_args) if use_projection else None)
         self.se = SqueezeExcitation(filters, se_ratio, out, name='se') if se_ratio > 0 else None
 
-    def _conv_bn_relu(self, filters: int, strides: int, index: int) -> list[keras.layers.Layer]:
+    def _conv_bn_relu(self, filters: int, strides: int, index: int,
+                      selective_kernel: bool = False) -> list[keras.layers.Layer]:
         """The block's 3x3 conv + BN-ReLU, or an SK conv (which carries its own BN-ReLU)."""
-        if self.sk_ratio > 0:
+        if selective_kernel and self.sk_ratio > 0:
             return [SelectiveKernelConv(filters, strides, self.sk_ratio, name=f'sk_conv_{index}',
                                         batch_norm_decay=self.batch_norm_decay,
                                         global_bn=self.global_bn)]
@@ -295,7 +312,8 @@ class _Block(_BNLayer):
 
 
 class ResidualBlock(_Block):
-    """Basic block: 3x3 conv (strided) → BN-ReLU → 3x3 conv → BN (γ=0), plus the shortcut."""
+    """Basic block: 3x3 conv (strided) → BN-ReLU → 3x3 conv → BN (γ=0), plus the shortcut.
+    `sk_ratio > 0` changes only the shortcut (ResNet-D), as the authors: no SK conv here."""
 
     expansion = 1
 
@@ -315,7 +333,7 @@ class BottleneckBlock(_Block):
         self._residual = set_layers(self, (
             [Conv2dFixedPadding(filters, 1, 1, name='conv_0'), self._bn('bn_0'),
              keras.layers.ReLU(name='relu_0')]
-            + self._conv_bn_relu(filters, strides, 1)
+            + self._conv_bn_relu(filters, strides, 1, selective_kernel=True)
             + [Conv2dFixedPadding(4 * filters, 1, 1, name='conv_2'),
                self._bn('bn_2', zero_init=True)]))
 
@@ -417,8 +435,8 @@ class ResNet(keras.layers.Layer):
 
     def __init__(self, depth: int = 50, width_multiplier: float = 1.0, cifar_stem: bool = False,
                  sk_ratio: float = 0.0, se_ratio: float = 0.0, batch_norm_decay: float = 0.9,
-                 global_bn: bool = False, fine_tune_after_block: int = -1, name: str = 'resnet',
-                 **kwargs):
+                 global_bn: bool = False, fine_tune_after_block: int = -1,
+                 frozen_bn: str = 'batch', name: str = 'resnet', **kwargs):
         super().__init__(name=name, **kwargs)
         if depth not in ARCHITECTURES:
             raise ValueError(f'resnet depth {depth} is not one of {sorted(ARCHITECTURES)}')
@@ -427,7 +445,7 @@ class ResNet(keras.layers.Layer):
         self.depth, self.width_multiplier, self.cifar_stem = depth, width_multiplier, cifar_stem
         self.sk_ratio, self.se_ratio = sk_ratio, se_ratio
         self.batch_norm_decay, self.global_bn = batch_norm_decay, global_bn
-        self.fine_tune_after_block = fine_tune_after_block
+        self.fine_tune_after_block, self.frozen_bn = fine_tune_after_block, frozen_bn
 
         bn_args = dict(batch_norm_decay=batch_norm_decay, global_bn=global_bn)
         block, num_blocks = ARCHITECTURES[depth]
@@ -438,17 +456,21 @@ class ResNet(keras.layers.Layer):
                        block_args=dict(sk_ratio=sk_ratio, se_ratio=se_ratio, **bn_args),
                        name=f'block_group{i + 1}')
             for i, n in enumerate(num_blocks)])
-        # Freeze before any variable exists: Keras 3 then creates them non-trainable.
-        for stage in ([self.stem] + self.block_groups)[:fine_tune_after_block + 1]:
-            stage.trainable = False
 
     @property
     def block_groups(self) -> list[BlockGroup]:
         return get_layers(self, self._block_groups)
 
+    @property
+    def frozen_stages(self) -> list[keras.layers.Layer]:
+        """The stem and block groups up to `fine_tune_after_block`."""
+        return ([self.stem] + self.block_groups)[:self.fine_tune_after_block + 1]
+
     def build(self, input_shape):
         self.stem.build(input_shape)
         _build_sequence(self.block_groups, self.stem.compute_output_shape(input_shape)[1])
+        for stage in self.frozen_stages:
+            freeze(stage, self.frozen_bn)
 
     def compute_output_shape(self, input_shape):
         initial_conv, shape = self.stem.compute_output_shape(input_shape)
@@ -483,7 +505,7 @@ class ResNet(keras.layers.Layer):
                 'width_multiplier': self.width_multiplier, 'cifar_stem': self.cifar_stem,
                 'sk_ratio': self.sk_ratio, 'se_ratio': self.se_ratio,
                 'batch_norm_decay': self.batch_norm_decay, 'global_bn': self.global_bn,
-                'fine_tune_after_block': self.fine_tune_after_block}
+                'fine_tune_after_block': self.fine_tune_after_block, 'frozen_bn': self.frozen_bn}
 
 
 def resnet_from_config(config: Config) -> ResNet:
@@ -493,4 +515,5 @@ def resnet_from_config(config: Config) -> ResNet:
         cifar_stem=config.cifar_stem, sk_ratio=config.sk_ratio, se_ratio=config.se_ratio,
         batch_norm_decay=config.batch_norm_decay, global_bn=config.global_bn,
         fine_tune_after_block=(config.fine_tune_after_block
-                               if config.train_mode == 'finetune' else -1))
+                               if config.train_mode == 'finetune' else -1),
+        frozen_bn=config.frozen_bn)

@@ -66,6 +66,15 @@ def build_state(config: Config, strategy: tf.distribute.Strategy, info: data.Dat
                       optim.checkpoint_steps(config, info.num_train_examples))
 
 
+def steps_per_loop(config: Config, checkpoint_steps: int) -> int:
+    """Steps per tf.function call: `steps_per_loop`, else up to the next summary or checkpoint."""
+    if config.steps_per_loop:
+        return config.steps_per_loop
+    if config.train_summary_steps > 0:
+        return min(checkpoint_steps, config.train_summary_steps)
+    return checkpoint_steps
+
+
 def two_views_to_batch(images: tf.Tensor, config: Config, seed=None) -> tf.Tensor:
     """[b, S, S, 6] (two views on channels) -> [2b, S, S, 3]: first views, then second views."""
     views = tf.split(images, 2, axis=-1)
@@ -118,10 +127,24 @@ def make_step_fn(config: Config, state: TrainState, strategy: tf.distribute.Stra
     return step_fn
 
 
+def use_jit(config: Config, strategy: tf.distribute.Strategy) -> bool:
+    """Whether to XLA-compile the replica step: --jit_compile with one replica (says why not)."""
+    replicas = strategy.num_replicas_in_sync
+    if config.jit_compile and replicas > 1:
+        # Measured (2 CPU replicas, MirroredStrategy): XLA refuses to run the step, "Trying to
+        # access resource .../replica_1 located in device CPU:1 from device CPU:0".
+        logging.warning(
+            '--jit_compile is ignored with %d replicas: an XLA-compiled replica step cannot reach '
+            'the mirrored variables and cross-replica reductions that live on the other replicas\' '
+            'devices (tensorflow.org/xla/known_issues); training runs uncompiled. (On TPU, '
+            'TPUStrategy compiles the step with XLA anyway.)', replicas)
+    return config.jit_compile and replicas == 1
+
+
 def make_loop_fn(config: Config, state: TrainState, strategy: tf.distribute.Strategy) -> Callable:
     """`loop(iterator, n)`: n steps inside one tf.function; the metrics averaged over them."""
     step_fn = make_step_fn(config, state, strategy)
-    jit = config.jit_compile and strategy.num_replicas_in_sync == 1
+    jit = use_jit(config, strategy)
 
     # XLA compiles the step, not the loop: the iterator cannot live inside an XLA cluster.
     replica_step = tf.function(step_fn, jit_compile=True) if jit else step_fn
@@ -199,12 +222,13 @@ def train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetIn
     if start >= state.total_steps:
         logging.info('already trained to step %d of %d', start, state.total_steps)
         return state
-    if chief and start == 0:
+    if chief and start == 0 and config.train_summary_steps > 0:
         _write_image_summary(config, info, writer, 0)
     dataset = data.build_distributed_dataset(strategy, config, True, start_step=start)
     iterator = iter(dataset)
     loop = make_loop_fn(config, state, strategy)
-    per_loop = config.steps_per_loop or min(state.checkpoint_steps, config.train_summary_steps)
+    per_loop = steps_per_loop(config, state.checkpoint_steps)
+    summaries = config.train_summary_steps > 0  # 0: no step summaries, as the TF1 flag
     interactive = chief and sys.stderr.isatty()
     run_start, run_images = time.time(), 0
 
@@ -225,10 +249,11 @@ def train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetIn
                     'rate or check the input data.')
             metrics = dict(zip(names, map(float, values)))
             lr = float(state.schedule(step - 1))
-            with writer.as_default():
-                for k, v in metrics.items():
-                    tf.summary.scalar(k, v, step=step)
-                tf.summary.scalar('learning_rate', lr, step=step)
+            if summaries:
+                with writer.as_default():
+                    for k, v in metrics.items():
+                        tf.summary.scalar(k, v, step=step)
+                    tf.summary.scalar('learning_rate', lr, step=step)
             images = n * config.train_batch_size
             run_images += images
             rate = run_images / max(time.time() - run_start, 1e-9)

@@ -95,11 +95,6 @@ def test_linear_eval_after_pretraining_freezes_the_whole_encoder():
     trainable = model.trainable_variables
     assert ids(trainable) == ids(model.supervised_head.variables)  # head g unused past selector 0
     assert all(g is not None for g in gradients(model, 'logits_sup', trainable)[0])
-    # Frozen BN runs in inference mode: a training step leaves the pretrained statistics alone.
-    before = [v.numpy() for v in model.encoder.non_trainable_variables]
-    model(images(), training=True)
-    assert all(np.array_equal(a, v.numpy())
-               for a, v in zip(before, model.encoder.non_trainable_variables))
 
 
 def test_fine_tuning_after_block_2_trains_block_groups_3_and_4_only():
@@ -120,9 +115,83 @@ def test_fine_tuning_after_block_2_trains_block_groups_3_and_4_only():
     assert not last.trainable_variables
 
 
-def test_zero_init_logits_layer_starts_with_zero_logits():
-    model = build_model(TINY.replace(zero_init_logits_layer=True), NUM_CLASSES)
-    assert not np.any(model(images(2), training=False)['logits_sup'])
+def _one_finetune_step(frozen_bn: str):
+    """(model, variable values before, after) of one real training step (train.make_step_fn):
+    fine-tuning after block 2 with ft_proj_selector=1, momentum SGD and weight decay 0.01."""
+    from simclr_tf import optim, train
+    config = TINY.replace(train_mode='finetune', fine_tune_after_block=2, ft_proj_selector=1,
+                          frozen_bn=frozen_bn, optimizer='momentum', weight_decay=1e-2,
+                          global_bn=False, train_batch_size=8)
+    model = build_model(config, NUM_CLASSES)
+    schedule = optim.WarmUpAndCosineDecay(scaled_lr=0.5, warmup_steps=0, total_steps=10)
+    optimizer = optim.build_optimizer(config, schedule, model)
+    optimizer.build(model.trainable_variables)
+    state = train.TrainState(model, optimizer, None, schedule, 10, 10)
+    step = tf.function(train.make_step_fn(config, state, tf.distribute.get_strategy()))
+    labels = tf.one_hot(tf.range(8) % NUM_CLASSES, NUM_CLASSES)
+    before = {v.path: v.numpy() for v in model.variables}
+    step(images(8) * 4.0 + 1.0, labels)  # far from the initial moving statistics (0, 1)
+    return model, before, {v.path: v.numpy() for v in model.variables}
+
+
+def _changed(variables, before, after) -> set:
+    return {v.path for v in variables if not np.array_equal(before[v.path], after[v.path])}
+
+
+@pytest.mark.parametrize('frozen_bn', ['batch', 'inference'])
+def test_what_a_fine_tuning_step_changes_in_frozen_blocks(frozen_bn):
+    model, before, after = _one_finetune_step(frozen_bn)
+    encoder = model.encoder
+    frozen = [v for stage in encoder.frozen_stages for v in stage.variables]
+    moving = [v for v in frozen if 'moving_' in v.path]
+    weights = [v for v in frozen if 'moving_' not in v.path]  # kernels, gamma, beta
+    assert moving and weights
+    # Kernels, gamma and beta of frozen blocks are never trained nor decayed.
+    assert not _changed(weights, before, after)
+    assert not ids(weights) & ids(model.trainable_variables)
+    # The authors' default: BN of frozen blocks normalises with batch statistics and so updates
+    # its moving averages in the step; with --frozen_bn=inference they keep the pretrained ones.
+    changed = _changed(moving, before, after)
+    assert changed == ({v.path for v in moving} if frozen_bn == 'batch' else set())
+    # The tuned blocks and the first projection layer train; the last one (past the selector)
+    # is frozen like the encoder stages.
+    tuned = [v for g in encoder.block_groups[2:] for v in g.variables if 'kernel' in v.path]
+    assert _changed(tuned, before, after) == {v.path for v in tuned}
+    first, last = model.projection_head.linear_layers
+    assert _changed(first.trainable_variables, before, after)
+    last_moving = [v for v in last.variables if 'moving_' in v.path]
+    assert not _changed([v for v in last.variables if 'moving_' not in v.path], before, after)
+    assert bool(_changed(last_moving, before, after)) == (frozen_bn == 'batch')
+
+
+@pytest.mark.parametrize('selector,index', [(0, 0), (1, 1), (2, 2), (-1, 2), (-3, 0)])
+def test_ft_proj_selector_indexes_h_to_z_like_python(selector, index):
+    # hiddens = [h, g1, z] with num_proj_layers=2: the authors index this list with the flag.
+    config = TINY.replace(train_mode='finetune', ft_proj_selector=selector).validate()
+    model = build_model(config, NUM_CLASSES)
+    x = images(4)
+    _, hiddens = model.projection_head(model(x)['final_avg_pool'])
+    out = model(x)
+    expected = model.supervised_head(hiddens[index])
+    np.testing.assert_allclose(out['logits_sup'], expected, rtol=1e-5, atol=1e-6)
+    # Projection layers up to the one read are fine-tuned; those past it are frozen.
+    layers = model.projection_head.linear_layers
+    trainable = ids(model.trainable_variables)
+    for j, layer in enumerate(layers):
+        assert (ids(layer.variables) & trainable != set()) == (j < index), j
+    tuned = [v for layer in layers[:index] for v in layer.trainable_variables]
+    assert all(g is not None for g in gradients(model, 'logits_sup', tuned)[0])
+
+
+@pytest.mark.parametrize('mode,layers,bad,valid', [
+    ('nonlinear', 2, 3, '[-3, 2]'), ('nonlinear', 2, -4, '[-3, 2]'),
+    ('nonlinear', 3, 4, '[-4, 3]'), ('linear', 2, 2, '[-2, 1]'), ('none', 2, -2, '[-1, 0]')])
+def test_out_of_range_ft_proj_selector_is_rejected_with_the_valid_range(mode, layers, bad, valid):
+    from simclr_tf.config import ConfigError
+    config = TINY.replace(train_mode='finetune', proj_head_mode=mode, num_proj_layers=layers,
+                          ft_proj_selector=bad)
+    with pytest.raises(ConfigError, match=re.escape(valid)):
+        config.validate()
 
 
 def test_tf_function_matches_eager(pretrain_model):

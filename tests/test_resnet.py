@@ -124,7 +124,9 @@ def test_sk_and_se_variants_build_and_run(depth, block):
     assert np.all(np.isfinite(out['final_avg_pool']))
     first = encoder.block_groups[1].blocks[0]
     assert isinstance(first, block)
-    assert any(isinstance(l, SelectiveKernelConv) for l in first.residual)
+    # The authors put SK convs in bottleneck blocks only; basic blocks keep plain 3x3 convs.
+    has_sk = any(isinstance(l, SelectiveKernelConv) for l in first.residual)
+    assert has_sk == (block is BottleneckBlock)
     assert first.se is not None and first.shortcut.resnet_d
     assert len(encoder.stem.convs) == 7  # deep stem: three 3x3 convs with BN-ReLU between
 
@@ -146,3 +148,35 @@ def test_mixed_precision_computes_low_and_returns_float32():
     assert encoder.stem.convs[0].compute_dtype == 'bfloat16'
     assert encoder.stem.convs[0].kernel.dtype == 'float32'
     assert all(v.dtype == tf.float32 for v in out.values())
+
+
+# Measured by running the authors' tf2 resnet.resnet(depth, 1) (tf-keras 2.21, --sk_ratio=0.0625)
+# on 64x64 inputs: trainable parameters and the multiset of variable shapes (kernels, BN).
+AUTHORS_SK = {
+    18: (11_199_968, {(1, 1, 64, 64): 1, (1, 1, 64, 128): 1, (1, 1, 128, 256): 1,
+                      (1, 1, 256, 512): 1, (3, 3, 3, 32): 1, (3, 3, 32, 32): 1, (3, 3, 32, 64): 1,
+                      (3, 3, 64, 64): 4, (3, 3, 64, 128): 1, (3, 3, 128, 128): 3,
+                      (3, 3, 128, 256): 1, (3, 3, 256, 256): 3, (3, 3, 256, 512): 1,
+                      (3, 3, 512, 512): 3, (32,): 8, (64,): 24, (128,): 20, (256,): 20,
+                      (512,): 20}),
+    34: (21_308_128, {(1, 1, 64, 64): 1, (1, 1, 64, 128): 1, (1, 1, 128, 256): 1,
+                      (1, 1, 256, 512): 1, (3, 3, 3, 32): 1, (3, 3, 32, 32): 1, (3, 3, 32, 64): 1,
+                      (3, 3, 64, 64): 6, (3, 3, 64, 128): 1, (3, 3, 128, 128): 7,
+                      (3, 3, 128, 256): 1, (3, 3, 256, 256): 11, (3, 3, 256, 512): 1,
+                      (3, 3, 512, 512): 5, (32,): 8, (64,): 32, (128,): 36, (256,): 52,
+                      (512,): 28}),
+}
+
+
+@pytest.mark.parametrize('depth', [18, 34])
+def test_sk_basic_block_resnets_match_the_authors_layers_and_parameter_count(depth):
+    # sk_ratio > 0 in a ResNet-18/34: deep stem and ResNet-D shortcuts, no SK conv (authors' code).
+    encoder = ResNet(depth=depth, sk_ratio=0.0625)
+    encoder.build((None, 64, 64, 3))
+    params, shapes = AUTHORS_SK[depth]
+    assert num_params(encoder.trainable_variables) == params
+    counts = {}
+    for v in encoder.variables:
+        counts[tuple(v.shape)] = counts.get(tuple(v.shape), 0) + 1
+    assert counts == shapes
+    assert all(b.shortcut.resnet_d for b in blocks(encoder) if b.shortcut is not None)
