@@ -1,5 +1,5 @@
 """The authors' model zoo: their checkpoints and SavedModels, with exactly the keys, names and
-order their code writes (../shared/authors_layouts, made by running it), give this model the
+order their code writes (tests/data/authors_layouts, made by running it), give this model the
 outputs their export gives, through --checkpoint and through the converter; bad layouts fail
 with messages that name what is wrong."""
 
@@ -16,7 +16,8 @@ from simclr_tf.checkpoint import Checkpointer
 from simclr_tf.config import Config
 from simclr_tf.model import build_model
 
-LAYOUTS = os.environ.get('SIMCLR_AUTHORS_LAYOUTS', '/work/shared/authors_layouts')
+# Layouts, weights formula and outputs made by running the authors' code (see its README).
+LAYOUTS = os.path.join(os.path.dirname(__file__), 'data', 'authors_layouts')
 NAMES = ('r18_cifar', 'r50_1x_sk0_pretrain', 'r50_1x_sk0_finetune', 'r50_2x_sk1_pretrain')
 NUM_CLASSES = 10
 
