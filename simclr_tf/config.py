@@ -99,6 +99,7 @@ class Config:
     inter_op_threads: int = 0  # TensorFlow's thread pools; 0 = its default (one per core)
     intra_op_threads: int = 0
     label_seed: int = 0  # which label subset (independent of `seed`, so runs can share one)
+    start_over: bool = False  # train from scratch in a used model_dir (its files moved aside)
 
     # ------------------------------------------------------------------
     @property
