@@ -42,8 +42,9 @@ class Preempted(Exception):
 
     def __init__(self, signum: int, step: int, checkpoint: Optional[str]):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        super().__init__(f'preempted by {signal.Signals(signum).name} at step {step} (checkpoint '
-                         f'{checkpoint} saved), resume by rerunning the same command')
+        saved = f'latest checkpoint {checkpoint}' if checkpoint else 'no checkpoint yet'
+        super().__init__(f'preempted by {signal.Signals(signum).name} at step {step} ({saved}), '
+                         'resume by rerunning the same command')
 
 
 @dataclasses.dataclass
@@ -247,7 +248,15 @@ def _write_image_summary(config: Config, info: data.DatasetInfo, writer, step: i
 def train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetInfo,
           chief: bool = True, task_id: int = 0,
           on_checkpoint: Optional[Callable[[TrainState], None]] = None) -> TrainState:
-    """Trains until `total_steps`, resuming from `model_dir`; returns the final state."""
+    """Trains until `total_steps`, resuming from `model_dir`; returns the final state (with
+    `stopped` set if SIGTERM/SIGINT came, from the start of this call on)."""
+    with _StopRequest() as stop:
+        return _train(config, strategy, info, chief, task_id, on_checkpoint, stop)
+
+
+def _train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetInfo, chief: bool,
+           task_id: int, on_checkpoint: Optional[Callable[[TrainState], None]],
+           stop: '_StopRequest') -> TrainState:
     state = build_state(config, strategy, info, chief=chief, task_id=task_id)
     names = metric_names(config, state.model.supervised_head is not None)
     writer = tf.summary.create_file_writer(config.model_dir) if chief else tf.summary.create_noop_writer()
@@ -259,63 +268,62 @@ def train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetIn
         _write_image_summary(config, info, writer, 0)
     dataset = data.build_distributed_dataset(strategy, config, True, start_step=start)
     iterator = iter(dataset)
-    stop = _StopRequest()
     loop = make_loop_fn(config, state, strategy, stop.variable)
     per_loop = config.steps_per_loop or min(state.checkpoint_steps, config.train_summary_steps)
     interactive = chief and sys.stderr.isatty()
     run_start, run_images = time.time(), 0
 
-    with stop:
-        logging.info('training from step %d to %d (on SIGTERM or SIGINT: checkpoint after the '
-                     'current step and stop)', start, state.total_steps)
-        while state.step < state.total_steps:
-            step = state.step
-            to_checkpoint = state.checkpoint_steps - step % state.checkpoint_steps
-            n = min(per_loop, to_checkpoint, state.total_steps - step)
-            t0 = time.time()
-            values = stop.call(lambda: loop(iterator, tf.constant(n)).numpy())
-            elapsed = time.time() - t0
-            n = state.step - step  # fewer than asked if a signal came
-            step = state.step
-            if n == 0:  # stopped before the first step of this loop
+    logging.info('training from step %d to %d (on SIGTERM or SIGINT: checkpoint after the '
+                 'current step and stop)', start, state.total_steps)
+    while state.step < state.total_steps:
+        step = state.step
+        to_checkpoint = state.checkpoint_steps - step % state.checkpoint_steps
+        n = min(per_loop, to_checkpoint, state.total_steps - step)
+        t0 = time.time()
+        values = stop.call(lambda: loop(iterator, tf.constant(n)).numpy())
+        elapsed = time.time() - t0
+        n = state.step - step  # fewer than asked if a signal came
+        step = state.step
+        if n == 0:  # stopped before the first step of this loop
+            if step > start:  # else nothing new to save
                 state.checkpointer.save(step)
-                state.stopped = stop.signal
-                logging.warning('stopped by %s at step %d; checkpoint saved',
-                                signal.Signals(stop.signal).name, step)
-                break
-            if not np.all(np.isfinite(values)):
-                bad = {k: float(v) for k, v in zip(names, values) if not math.isfinite(v)}
-                raise TrainingDiverged(
-                    f'non-finite training metrics at step {step}: {bad}; stopped without saving, '
-                    f'the last good checkpoint is {state.checkpointer.latest}. Lower the learning '
-                    'rate or check the input data.')
-            metrics = dict(zip(names, map(float, values)))
-            lr = float(state.schedule(step - 1))
-            with writer.as_default():
-                for k, v in metrics.items():
-                    tf.summary.scalar(k, v, step=step)
-                tf.summary.scalar('learning_rate', lr, step=step)
-            images = n * config.train_batch_size
-            run_images += images
-            rate = run_images / max(time.time() - run_start, 1e-9)
-            eta = (state.total_steps - step) * config.train_batch_size / max(rate, 1e-9)
-            line = _progress_line(step, state.total_steps, metrics, images / max(elapsed, 1e-9),
-                                  eta)
-            if interactive:
-                done = int(30 * step / state.total_steps)
-                sys.stderr.write(f'\r[{"#" * done}{"." * (30 - done)}] {line}')
-                sys.stderr.flush()
-            logging.info('%s', line)
-            if step % state.checkpoint_steps == 0 or step == state.total_steps or stop.signal:
-                _check_finite(state, step)
-                state.checkpointer.save(step)
-                if on_checkpoint:
-                    on_checkpoint(state)
-            if stop.signal:
-                state.stopped = stop.signal
-                logging.warning('stopped by %s at step %d; checkpoint saved',
-                                signal.Signals(stop.signal).name, step)
-                break
+            state.stopped = stop.signal
+            logging.warning('stopped by %s at step %d; %s', signal.Signals(stop.signal).name,
+                            step, 'checkpoint saved' if step > start else 'nothing new to save')
+            break
+        if not np.all(np.isfinite(values)):
+            bad = {k: float(v) for k, v in zip(names, values) if not math.isfinite(v)}
+            raise TrainingDiverged(
+                f'non-finite training metrics at step {step}: {bad}; stopped without saving, '
+                f'the last good checkpoint is {state.checkpointer.latest}. Lower the learning '
+                'rate or check the input data.')
+        metrics = dict(zip(names, map(float, values)))
+        lr = float(state.schedule(step - 1))
+        with writer.as_default():
+            for k, v in metrics.items():
+                tf.summary.scalar(k, v, step=step)
+            tf.summary.scalar('learning_rate', lr, step=step)
+        images = n * config.train_batch_size
+        run_images += images
+        rate = run_images / max(time.time() - run_start, 1e-9)
+        eta = (state.total_steps - step) * config.train_batch_size / max(rate, 1e-9)
+        line = _progress_line(step, state.total_steps, metrics, images / max(elapsed, 1e-9),
+                              eta)
+        if interactive:
+            done = int(30 * step / state.total_steps)
+            sys.stderr.write(f'\r[{"#" * done}{"." * (30 - done)}] {line}')
+            sys.stderr.flush()
+        logging.info('%s', line)
+        if step % state.checkpoint_steps == 0 or step == state.total_steps or stop.signal:
+            _check_finite(state, step)
+            state.checkpointer.save(step)
+            if on_checkpoint:
+                on_checkpoint(state)
+        if stop.signal:
+            state.stopped = stop.signal
+            logging.warning('stopped by %s at step %d; checkpoint saved',
+                            signal.Signals(stop.signal).name, step)
+            break
     if interactive:
         sys.stderr.write('\n')
     writer.flush()
