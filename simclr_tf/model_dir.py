@@ -122,7 +122,8 @@ def check_config(config: Config, model_dir: str) -> None:
 
 
 def _normalise(value: Any) -> Any:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if numeric else value
 
 
 def write_config(config: Config) -> None:
@@ -156,7 +157,8 @@ def contents(model_dir: str) -> list[str]:
     if tf.io.gfile.isdir(exports):
         found += [f'saved_model/{n.rstrip("/")}' for n in sorted(tf.io.gfile.listdir(exports))
                   if n.rstrip('/').isdigit()]
-    found += sorted(os.path.basename(p) for p in tf.io.gfile.glob(os.path.join(model_dir, 'result*.json')))
+    found += sorted(os.path.basename(p)
+                    for p in tf.io.gfile.glob(os.path.join(model_dir, 'result*.json')))
     return found
 
 

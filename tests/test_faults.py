@@ -150,7 +150,8 @@ def test_a_rerun_with_other_hyperparameters_stops_naming_them(tmp_path, sample_d
     with pytest.raises(ConfigError) as error:
         program.prepare_model_dir(other, 'train')
     message = str(error.value)
-    assert '--seed=1 (model_dir has 7)' in message and '--temperature=0.2 (model_dir has 0.1)' in message
+    assert '--seed=1 (model_dir has 7)' in message
+    assert '--temperature=0.2 (model_dir has 0.1)' in message
     assert 'learning_rate' not in message
     assert (tmp_path / 'config.json').read_text() == written  # not rewritten
     model_dir_lib.release_locks()
