@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 import random
 import re
@@ -297,17 +298,23 @@ def _source(dataset: str, data_dir: Optional[str]):
 # The element count is unchanged, so batches and resumption stay exact. Exact resumption
 # is why the image is replaced rather than dropped: a dropped element would shift every later
 # batch by one, differently in a run that resumed past it.
-_UNDECODABLE = {'count': 0, 'lock': threading.Lock()}
+_UNDECODABLE = {'files': set(), 'lock': threading.Lock()}
 _STAND_IN_SIZE = (32, 32)  # when the source's images have no common size (crops resize it)
 
 
 def undecodable_count() -> int:
-    """Images this process could not decode and replaced, so far (the closing summary's count)."""
-    return _UNDECODABLE['count']
+    """Distinct images this process could not decode (and replaced each time they came up)."""
+    return len(_UNDECODABLE['files'])
 
 
 def _report_undecodable(x: tf.Tensor, is_path: bool) -> bool:
     value = x.numpy()
+    key = value if is_path else hashlib.sha1(value).hexdigest()
+    with _UNDECODABLE['lock']:
+        first = key not in _UNDECODABLE['files']
+        _UNDECODABLE['files'].add(key)
+    if not first:  # logged when first met; every epoch meets it again
+        return True
     if is_path:
         what = value.decode(errors='replace')
         try:
@@ -316,10 +323,9 @@ def _report_undecodable(x: tf.Tensor, is_path: bool) -> bool:
         except (tf.errors.OpError, ValueError) as e:
             why = str(e).split('[Op:')[0].split('}}')[-1].strip() or type(e).__name__
     else:
-        what, why = f'an encoded image of {len(value)} bytes', 'decoding failed'
-    with _UNDECODABLE['lock']:
-        _UNDECODABLE['count'] += 1
-    logging.warning('cannot decode %s (%s): replaced by a grey image, training goes on', what, why)
+        what, why = f'an encoded image of {len(value)} bytes (sha1 {key[:12]})', 'decoding failed'
+    logging.warning('cannot decode %s (%s): replaced by a grey image wherever it comes up, '
+                    'training goes on', what, why)
     return True
 
 

@@ -70,8 +70,8 @@ def run(config: Config, flags: Optional[dict[str, Any]] = None) -> Optional[dict
     state = train.train(config, strategy, info, chief=chief, task_id=task_id)
     replaced = data.undecodable_count()
     if replaced:
-        logging.warning('%d training images could not be decoded and were replaced (their paths '
-                        'are logged above)', replaced)
+        logging.warning('%d training images could not be decoded and were replaced by grey ones '
+                        '(their paths are logged above)', replaced)
     if state.stopped:
         raise train.Preempted(state.stopped, state.step, state.checkpointer.latest)
     if config.mode == 'train':
