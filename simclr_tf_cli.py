@@ -119,6 +119,10 @@ _HELP = {
                  'training step: batch (the authors\' code) normalises with batch statistics and '
                  'updates the moving averages; inference keeps the pretrained statistics. Their '
                  'weights are never trained in either mode.',
+    'start_over': 'New. Train from scratch in a model_dir that holds checkpoints, an export or '
+                  'another run\'s config.json: its files are first moved (not deleted) to '
+                  'model_dir/previous-<UTC time>/. Without it such a run stops and says what it '
+                  'found. Pass it once, not in a command a scheduler reruns.',
 }
 _ENUMS = {
     'learning_rate_scaling': ['linear', 'sqrt'],
@@ -173,7 +177,25 @@ def summary(result: dict) -> str:
              + f' on {int(result["eval/num_examples"])} {FLAGS.eval_split} examples']
     if result.get('saved_model'):
         lines.append(f'SavedModel: {result["saved_model"]}')
+    if result.get('undecodable_images'):
+        lines.append(f'{result["undecodable_images"]} images could not be decoded and were '
+                     'replaced by grey ones (their paths are in the log)')
     return '\n'.join(lines)
+
+
+def _fs_error(e: Exception) -> str | None:
+    """One line for a file-system error (the path and the problem), None for anything else."""
+    import tensorflow as tf
+    if isinstance(e, OSError):
+        where = f'{e.filename}: ' if getattr(e, 'filename', None) else ''
+        return f'{where}{e.strerror or e}'
+    fs_errors = (tf.errors.PermissionDeniedError, tf.errors.NotFoundError,
+                 tf.errors.AlreadyExistsError, tf.errors.FailedPreconditionError,
+                 tf.errors.DataLossError, tf.errors.ResourceExhaustedError)
+    if isinstance(e, fs_errors):
+        text = (e.message or str(e)).strip().splitlines()
+        return f'{text[0] if text else type(e).__name__} ({type(e).__name__})'
+    return None
 
 
 def main(argv) -> None:
@@ -195,8 +217,17 @@ def main(argv) -> None:
         _fail(str(e))
     except Exception as e:  # noqa: BLE001 - clear message for bad input, full trace in the log
         from simclr_tf.data import DataError
+        from simclr_tf.train import PREEMPTED_EXIT_CODE, Preempted
+        if isinstance(e, Preempted):
+            logging.warning('%s', e)
+            print(f'stopped: {e}', file=sys.stderr)
+            sys.exit(PREEMPTED_EXIT_CODE)
         if isinstance(e, DataError):
             _fail(str(e))
+        message = _fs_error(e)
+        if message is not None:
+            logging.debug('file-system error', exc_info=True)
+            _fail(message)
         raise
 
 

@@ -18,7 +18,8 @@ from simclr_tf.config import Config, ConfigError
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint prefix from a prefix or a directory (its latest checkpoint)."""
     if tf.io.gfile.isdir(path):
-        latest = tf.train.latest_checkpoint(path)
+        found = list_checkpoints(path)
+        latest = tf.train.latest_checkpoint(path) or (found[-1][1] if found else None)
         if latest is None:
             raise ConfigError(f'checkpoint={path!r} is a directory with no checkpoint in it')
         return latest
@@ -60,27 +61,33 @@ def is_legacy(path: str) -> bool:
 class Checkpointer:
     """Model, optimizer (and so the global step, `optimizer.iterations`) in `model_dir`.
 
-    TensorFlow writes the `checkpoint` state file atomically after the data files, so a save that
-    dies half-way never becomes the latest checkpoint. On a non-chief worker of a multi-worker run
-    every worker must take part in the save; those write to a scratch directory that is removed.
+    Resuming does not trust the `checkpoint` state file: it tries the `ckpt-<N>` files found in
+    model_dir, newest first, sets aside (renames, never deletes) any that cannot be read, and
+    rewrites the state file to what it found. On a non-chief worker of a multi-worker run every
+    worker must take part in the save; those write to a scratch directory that is removed.
     """
 
     def __init__(self, config: Config, model: tf.Module, optimizer: tf.Module, chief: bool = True,
                  task_id: int = 0):
         self.config = config
+        self.chief = chief
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer_state(optimizer))
         self._legacy = tf.train.Checkpoint(model=model, optimizer=optimizer)  # reads older ones
         self._scratch = None
-        directory = config.model_dir
+        self._directory = config.model_dir
         if not chief:
             self._scratch = os.path.join(config.model_dir, f'.worker_{task_id}_scratch')
-            directory = self._scratch
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, directory=directory, max_to_keep=config.keep_checkpoint_max)
+            self._directory = self._scratch
+        self.manager = self._new_manager()
+
+    def _new_manager(self) -> tf.train.CheckpointManager:
+        return tf.train.CheckpointManager(self.checkpoint, directory=self._directory,
+                                          max_to_keep=self.config.keep_checkpoint_max)
 
     @property
     def latest(self) -> Optional[str]:
-        return tf.train.latest_checkpoint(self.config.model_dir)
+        found = list_checkpoints(self.config.model_dir)
+        return found[-1][1] if found else None
 
     def save(self, step: int) -> str:
         path = self.manager.save(checkpoint_number=step)
@@ -89,12 +96,32 @@ class Checkpointer:
         return path
 
     def restore(self, model: tf.keras.Model) -> str:
-        """Resumes from `model_dir`, else starts from `config.checkpoint`; says which it did."""
-        latest = self.latest
-        if latest:
-            checkpoint = self._legacy if is_legacy(latest) else self.checkpoint
-            checkpoint.restore(latest).assert_existing_objects_matched()
-            return f'resumed from {latest}'
+        """Resumes from `model_dir`, else starts from `config.checkpoint`; says which it did.
+
+        Never starts from scratch in a model_dir that holds checkpoints or an export: raises
+        ConfigError saying what is there (`--start_over` moves it aside first, in program.py).
+        """
+        model_dir = self.config.model_dir
+        found = list_checkpoints(model_dir)
+        if found:
+            resumed, set_aside = self._restore_newest_readable(found)
+            if resumed is None:
+                raise ConfigError(
+                    f'no readable checkpoint in model_dir={model_dir!r}: '
+                    f'{", ".join(set_aside)} could not be read and were set aside. Pass '
+                    '--start_over to train from scratch (other files are moved aside too), or '
+                    'use another --model_dir')
+            if self.chief:
+                write_state_file(model_dir, resumed, [p for _, p in list_checkpoints(model_dir)])
+                self.manager = self._new_manager()  # it read the state file when created
+            return f'resumed from {resumed}'
+        kept = model_dir_contents(model_dir)
+        if kept:
+            raise ConfigError(
+                f'model_dir={model_dir!r} holds no checkpoint to resume from but {", ".join(kept)}'
+                ' of an earlier run; training would start from scratch and overwrite them. Pass '
+                '--start_over to move them aside and train from scratch, or use another '
+                '--model_dir')
         if self.config.checkpoint:
             theirs = authors.open_source(self.config.checkpoint)
             if theirs is not None:  # the authors' TF2 checkpoint or SavedModel (their model zoo)
@@ -115,6 +142,97 @@ class Checkpointer:
                 message += ' (supervised head zero-initialised)'
             return message
         return 'started from scratch'
+
+    def _checkpoint_for(self, prefix: str) -> tf.train.Checkpoint:
+        """What reads `prefix`: checkpoints written before model variables were keyed by name
+        need the optimizer's own object graph."""
+        try:
+            return self._legacy if is_legacy(prefix) else self.checkpoint
+        except (tf.errors.OpError, IndexError, OSError):  # unreadable: restore_problem says why
+            return self.checkpoint
+
+    def _restore_newest_readable(self, found: list[tuple[int, str]]
+                                 ) -> tuple[Optional[str], list[str]]:
+        """(the prefix restored, the prefixes set aside), trying the newest first."""
+        set_aside = []
+        for _, prefix in reversed(found):
+            problem = restore_problem(self._checkpoint_for(prefix), prefix)
+            if problem is None:
+                if set_aside:
+                    logging.warning('resuming from %s, the newest readable checkpoint', prefix)
+                return prefix, set_aside
+            if problem.startswith(MISMATCH):
+                raise ConfigError(f'checkpoint {prefix} does not hold this model ({problem}); '
+                                  'were its flags different? (see model_dir/config.json)')
+            moved = set_aside_checkpoint(prefix) if self.chief else prefix
+            logging.warning('checkpoint %s cannot be read (%s); set aside as %s, trying the '
+                            'one before', prefix, problem, moved)
+            set_aside.append(f'{prefix} ({problem})')
+        return None, set_aside
+
+
+_CKPT_INDEX = re.compile(r'^ckpt-(\d+)\.index$')
+UNREADABLE = 'unreadable-'  # prefix of a checkpoint's files once set aside
+MISMATCH = 'structure mismatch'
+
+
+def list_checkpoints(model_dir: str) -> list[tuple[int, str]]:
+    """(step, prefix) of every `ckpt-<step>.index` in model_dir, oldest first, whatever the
+    `checkpoint` state file says (it may be missing, stale or copied from elsewhere)."""
+    if not model_dir or not tf.io.gfile.isdir(model_dir):
+        return []
+    found = []
+    for name in tf.io.gfile.listdir(model_dir):
+        match = _CKPT_INDEX.match(name)
+        if match:
+            found.append((int(match.group(1)), os.path.join(model_dir, name[:-len('.index')])))
+    return sorted(found)
+
+
+def write_state_file(model_dir: str, latest: str, paths: list[str]) -> None:
+    """The `checkpoint` state file CheckpointManager reads, naming the checkpoints found (written
+    to a temporary file, then renamed over the old one)."""
+    lines = [f'model_checkpoint_path: "{os.path.basename(latest)}"']
+    lines += [f'all_model_checkpoint_paths: "{os.path.basename(p)}"' for p in paths]
+    path = os.path.join(model_dir, 'checkpoint')
+    with tf.io.gfile.GFile(path + '.tmp-resume', 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    tf.io.gfile.rename(path + '.tmp-resume', path, overwrite=True)
+
+
+def restore_problem(checkpoint: tf.train.Checkpoint, prefix: str) -> Optional[str]:
+    """Restores `prefix` into `checkpoint`; None if that worked, else what went wrong. A read
+    failure (truncated or damaged file: TensorFlow raises IndexError, DataLossError, …) is told
+    apart from a checkpoint of another model (MISMATCH)."""
+    try:
+        checkpoint.restore(prefix).assert_existing_objects_matched()
+    except (tf.errors.OpError, IndexError, OSError) as e:  # the files
+        text = str(e).strip()
+        return f'{type(e).__name__}: {text.splitlines()[0][:300] if text else "unreadable"}'
+    except (AssertionError, ValueError) as e:  # the content: variables missing or of other shapes
+        text = str(e).strip()
+        return f'{MISMATCH}: {text.splitlines()[0][:300] if text else type(e).__name__}'
+    return None
+
+
+def set_aside_checkpoint(prefix: str) -> str:
+    """Renames prefix.index and prefix.data-* to `unreadable-<name>…` (kept for inspection, no
+    longer seen as a checkpoint); returns the new prefix."""
+    directory, name = os.path.split(prefix)
+    target = os.path.join(directory, UNREADABLE + name)
+    n = 1
+    while tf.io.gfile.glob(target + '.*'):
+        n += 1
+        target = os.path.join(directory, f'{UNREADABLE}{n}-{name}')
+    for path in tf.io.gfile.glob(prefix + '.*'):
+        tf.io.gfile.rename(path, target + path[len(prefix):])
+    return target
+
+
+def model_dir_contents(model_dir: str) -> list[str]:
+    """Exports and results in model_dir that a run from scratch would overwrite."""
+    from simclr_tf import model_dir as model_dir_lib
+    return model_dir_lib.contents(model_dir)
 
 
 def restore_matching(model: tf.keras.Model, source: str, schema: str) -> list[str]:

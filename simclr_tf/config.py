@@ -103,6 +103,7 @@ class Config:
     intra_op_threads: int = 0
     label_seed: int = 0  # which label subset (independent of `seed`, so runs can share one)
     frozen_bn: str = 'batch'  # see FROZEN_BN_MODES
+    start_over: bool = False  # train from scratch in a used model_dir (its files moved aside)
 
     # ------------------------------------------------------------------
     @property

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 import random
 import re
+import threading
 from typing import Optional
 
 import numpy as np
@@ -278,10 +280,68 @@ class _TfdsSource:
 def _source(dataset: str, data_dir: Optional[str]):
     if os.path.isdir(dataset):
         return _FolderSource(dataset)
+    if os.path.exists(dataset):
+        raise DataError(f'dataset {dataset} is a file, not a directory laid out '
+                        '<split>/<class>/<image file> (nor a TFDS name)')
     parent = os.path.dirname(dataset.rstrip('/'))
     if dataset.startswith(('/', '.', '~')) or (parent and os.path.isdir(parent)):
         raise DataError(f'dataset directory {dataset} does not exist')
     return _TfdsSource(dataset, data_dir)
+
+
+# ---------------------------------------------------------------- undecodable images
+# A file can pass the listing's check (signature, end marker) and still fail to decode: garbage in
+# its middle, a header that says height 0. Decoding such a file stops a tf.data pipeline, and so
+# the run, at the same place on every rerun. `decode_or_replace` decodes each image inside a
+# one-element dataset whose errors are ignored; when nothing comes out, a mid-grey stand-in of the
+# same size takes its place (the label stays), the file is logged with the reason and counted.
+# The element count is unchanged, so batches and resumption stay exact. Exact resumption
+# is why the image is replaced rather than dropped: a dropped element would shift every later
+# batch by one, differently in a run that resumed past it.
+_UNDECODABLE = {'files': set(), 'lock': threading.Lock()}
+_STAND_IN_SIZE = (32, 32)  # when the source's images have no common size (crops resize it)
+
+
+def undecodable_count() -> int:
+    """Distinct images this process could not decode (and replaced each time they came up)."""
+    return len(_UNDECODABLE['files'])
+
+
+def _report_undecodable(x: tf.Tensor, is_path: bool) -> bool:
+    value = x.numpy()
+    key = value if is_path else hashlib.sha1(value).hexdigest()
+    with _UNDECODABLE['lock']:
+        first = key not in _UNDECODABLE['files']
+        _UNDECODABLE['files'].add(key)
+    if not first:  # logged when first met; every epoch meets it again
+        return True
+    if is_path:
+        what = value.decode(errors='replace')
+        try:
+            tf.io.decode_image(tf.io.read_file(what), channels=3, expand_animations=False)
+            why = 'decoding failed'
+        except (tf.errors.OpError, ValueError) as e:
+            why = str(e).split('[Op:')[0].split('}}')[-1].strip() or type(e).__name__
+    else:
+        what, why = f'an encoded image of {len(value)} bytes (sha1 {key[:12]})', 'decoding failed'
+    logging.warning('cannot decode %s (%s): replaced by a grey image wherever it comes up, '
+                    'training goes on', what, why)
+    return True
+
+
+def decode_or_replace(source, x: tf.Tensor, size: Optional[tuple[int, int]]) -> tf.Tensor:
+    """source.decode(x), or (logged and counted) a mid-grey uint8 image if that fails."""
+    is_path = isinstance(source, _FolderSource)
+    shape = list(size or _STAND_IN_SIZE) + [3]
+
+    def stand_in(x):
+        reported = tf.py_function(lambda v: _report_undecodable(v, is_path), [x], tf.bool)
+        with tf.control_dependencies([reported]):
+            return tf.fill(shape, tf.constant(128, tf.uint8))
+
+    one = tf.data.Dataset.from_tensors(x)
+    decoded = one.map(source.decode).ignore_errors(log_warning=False)
+    return decoded.concatenate(one.map(stand_in)).take(1).get_single_element()
 
 
 # ---------------------------------------------------------------- label subsets
@@ -354,7 +414,9 @@ def examples(config: Config, split: str) -> tf.data.Dataset:
     """The split's decoded examples (uint8 [h, w, 3] image, int label), unshuffled."""
     source = _source(config.dataset, config.data_dir)
     dataset, _ = source.read(split, 1, 0)
-    return dataset.map(lambda x, y: (source.decode(x), y), num_parallel_calls=AUTOTUNE)
+    size = source.common_size(split)
+    return dataset.map(lambda x, y: (decode_or_replace(source, x, size), y),
+                       num_parallel_calls=AUTOTUNE)
 
 
 def build_dataset(config: Config, is_training: bool,
@@ -388,7 +450,7 @@ def build_dataset(config: Config, is_training: bool,
     size = source.common_size(split)
 
     def decode(x: tf.Tensor) -> tf.Tensor:
-        image = source.decode(x)
+        image = decode_or_replace(source, x, size)
         if size is None:
             return image
         # A stray odd-sized image in a folder of one size is resized to that size.

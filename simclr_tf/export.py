@@ -18,6 +18,10 @@ signature (inference mode) returns the same named outputs for TF Serving and
 (`images` -> the output dict, in inference or training mode), for `TFSMLayer`'s `call_endpoint`
 and `call_training_endpoint`; `examples/finetune_keras3.py` fine-tunes an export with `model.fit`.
 
+`trainable=True` updates the loaded object's BN moving averages in place (as training does):
+one call on a bad batch (NaN, or images in [0, 255]) changes every later `trainable=False`
+output of that loaded object. Reload the export to get its saved statistics back.
+
 `regularization_losses` holds one callable: the L2 weight decay as the training code adds it
 to the loss for a non-LARS optimizer (`optim.weight_decay_loss`: `weight_decay` × Σ ||w||²/2 over
 the trainable variables except BN's), i.e. what a fine-tuner with SGD or Adam adds to keep the
@@ -28,15 +32,22 @@ carry; the loss form is the nearest equivalent. With `weight_decay=0` the list i
 The run's `Config` is written alongside, to `assets.extra/config.json` (image size, depth, …).
 An export is written to a hidden temporary directory next to `saved_model/<step>` and renamed into
 place, so a crash never leaves a half-written `saved_model/<step>` (renaming is atomic on local
-and POSIX file systems; object stores such as GCS copy). A process killed outright leaves its
-`.tmp-*` directory, which nothing loads or counts.
+and POSIX file systems; object stores such as GCS copy). Replacing an export of the same step
+swaps the two directories in one atomic `renameat2(RENAME_EXCHANGE)` on Linux, so the step is
+visible at every moment; elsewhere it takes two renames, and a kill between them is repaired by
+the next export (the `.old-*` directory is renamed back). A process killed outright leaves its
+`.tmp-*` directory; the next export removes it. Exports into one `saved_model/` take turns
+(a file lock), so one never removes another's temporary directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import logging
 import os
+import re
 import uuid
 
 import keras
@@ -136,14 +147,20 @@ def build_hub_module(model: keras.Model, config: Config
                                           input_signature=[]))
     module.regularization_losses = regularization
 
-    # tf.functions (not concrete functions), so saving traces them in its save context, which a
-    # model built under a distribution strategy needs.
-    spec = [tf.TensorSpec([None, None, None, 3], tf.float32, name='images')]
-    serve = tf.function(lambda images: call(images, trainable=False), input_signature=spec)
+    # A tf.function (not a concrete function), so saving traces it in its save context, which a
+    # model built under a distribution strategy needs. Any shape: a wrong rank or channel count
+    # gets `_check_images`' message. The dtype is checked by TensorFlow before any of this graph
+    # runs, and its message names the function: hence the function's name.
+    def images_must_be_float32_in_0_1(images):
+        return call(images, trainable=False)
+
+    serve = tf.function(images_must_be_float32_in_0_1,
+                        input_signature=[tf.TensorSpec(None, tf.float32, name='images')])
     # Keras 3 endpoints, under the names Keras' own export gives them: `keras.layers.TFSMLayer(
     # path, call_endpoint='call_inference', call_training_endpoint='call_training')` runs BN on
     # batch statistics in `fit` and on the moving averages in `predict` (`serving_default` alone
     # would serve both in inference mode).
+    spec = [tf.TensorSpec([None, None, None, 3], tf.float32, name='images')]
     module.call_inference = tf.function(lambda images: call(images, trainable=False),
                                         input_signature=spec)
     module.call_training = tf.function(lambda images: call(images, trainable=True),
@@ -160,25 +177,100 @@ def export_saved_model(model: keras.Model, config: Config, step: int) -> str:
     tf.io.gfile.makedirs(root)
     tag = f'{int(step)}-{uuid.uuid4().hex[:8]}'
     temporary = os.path.join(root, f'.tmp-{tag}')
-    try:
-        with single_replica_batch_norm(model):
-            module, serve = build_hub_module(model, config)
-            tf.saved_model.save(module, temporary, signatures={SIGNATURE: serve})
-        tf.io.gfile.makedirs(os.path.join(temporary, 'assets.extra'))
-        with tf.io.gfile.GFile(os.path.join(temporary, 'assets.extra', 'config.json'), 'w') as f:
-            f.write(config.to_json())
-        if tf.io.gfile.exists(final):
-            old = os.path.join(root, f'.old-{tag}')
-            tf.io.gfile.rename(final, old)
-            tf.io.gfile.rename(temporary, final)
-            tf.io.gfile.rmtree(old)
-        else:
-            tf.io.gfile.rename(temporary, final)
-    finally:
-        if tf.io.gfile.exists(temporary):
-            tf.io.gfile.rmtree(temporary)
-    _keep_newest(root, config.keep_hub_module_max, keep=int(step))
+    with _exclusive(root):
+        clean_leftovers(root)
+        try:
+            with single_replica_batch_norm(model):
+                module, serve = build_hub_module(model, config)
+                tf.saved_model.save(module, temporary, signatures={SIGNATURE: serve})
+            tf.io.gfile.makedirs(os.path.join(temporary, 'assets.extra'))
+            with tf.io.gfile.GFile(os.path.join(temporary, 'assets.extra', 'config.json'),
+                                   'w') as f:
+                f.write(config.to_json())
+            if tf.io.gfile.exists(final):
+                _replace(temporary, final, os.path.join(root, f'.old-{tag}'))
+            else:
+                tf.io.gfile.rename(temporary, final)
+        finally:
+            if tf.io.gfile.exists(temporary):
+                tf.io.gfile.rmtree(temporary)
+        _keep_newest(root, config.keep_hub_module_max, keep=int(step))
     return final
+
+
+@contextlib.contextmanager
+def _exclusive(root: str):
+    """Exports into `root` take turns: a blocking flock on model_dir/.export.lock (local paths)."""
+    if '://' in root:
+        yield
+        return
+    import fcntl
+    with open(os.path.join(os.path.dirname(root), '.export.lock'), 'a') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swaps the paths a and b (Linux renameat2); False where that is unavailable."""
+    if '://' in a or not hasattr(os, 'uname') or os.uname().sysname != 'Linux':
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # file system without it
+        return False
+    raise OSError(code, os.strerror(code), b)
+
+
+def _replace(temporary: str, final: str, old: str) -> None:
+    """final := temporary, an existing export of the step replaced; the old one removed."""
+    if _exchange(temporary, final):
+        tf.io.gfile.rmtree(temporary)  # now the old export
+        return
+    tf.io.gfile.rename(final, old)
+    tf.io.gfile.rename(temporary, final)  # a kill before this: clean_leftovers renames old back
+    tf.io.gfile.rmtree(old)
+
+
+def repair(model_dir: str) -> list[str]:
+    """clean_leftovers on model_dir's exports, if any (at the start of a run)."""
+    root = os.path.join(model_dir, EXPORT_DIR)
+    if not tf.io.gfile.isdir(root):
+        return []
+    with _exclusive(root):
+        return clean_leftovers(root)
+
+
+_LEFTOVER = re.compile(r'^\.(tmp|old)-(\d+)-[0-9a-f]+$')
+
+
+def clean_leftovers(root: str) -> list[str]:
+    """Repairs what killed exports left in `root` (hold `_exclusive(root)`): an `.old-<step>-*`
+    whose `<step>` is missing is renamed back; other `.old-*` and `.tmp-*` are removed."""
+    done = []
+    for name in sorted(n.rstrip('/') for n in tf.io.gfile.listdir(root)):
+        match = _LEFTOVER.match(name)
+        if not match:
+            continue
+        path, final = os.path.join(root, name), os.path.join(root, match.group(2))
+        if match.group(1) == 'old' and not tf.io.gfile.exists(final):
+            tf.io.gfile.rename(path, final)
+            logging.warning('restored export %s from %s, left by an interrupted export', final,
+                            path)
+        else:
+            tf.io.gfile.rmtree(path)
+            logging.warning('removed %s, left by an interrupted export', path)
+        done.append(path)
+    return done
 
 
 def _keep_newest(root: str, count: int, keep: int) -> None:

@@ -5,19 +5,24 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from typing import Any, Optional
 
 import keras
 import tensorflow as tf
 
 from simclr_tf import checkpoint, data, distribute, evaluate, train
+from simclr_tf import model_dir as model_dir_lib
 from simclr_tf.config import Config, ConfigError
 from simclr_tf.model import build_model
+
+WAIT_LOG_SECS = 60  # mode=eval: how often to say it is still waiting for a checkpoint
 
 
 def check_start(config: Config) -> None:
     """Rejects a run that cannot start, before data or model are built."""
-    has_own = tf.train.latest_checkpoint(config.model_dir) is not None
+    model_dir_lib.check_path(config.model_dir, create=True)
+    has_own = bool(checkpoint.list_checkpoints(config.model_dir))
     if config.mode in ('train', 'train_then_eval') and config.train_mode == 'finetune':
         if not config.checkpoint and not has_own:
             raise ConfigError(
@@ -47,30 +52,56 @@ def run(config: Config, flags: Optional[dict[str, Any]] = None) -> Optional[dict
     info = data.dataset_info(config, need_eval=config.mode != 'train')
     chief = distribute.is_chief(strategy)
     set_up(config)
-    tf.io.gfile.makedirs(config.model_dir)
-    if chief:
-        with tf.io.gfile.GFile(os.path.join(config.model_dir, 'config.json'), 'w') as f:
-            f.write(config.to_json())
     logging.info('%s: %s train / %s eval examples, %s classes, %d replicas', config.dataset,
                  info.num_train_examples, info.num_eval_examples, info.num_classes,
                  strategy.num_replicas_in_sync)
 
-    if config.mode == 'eval':
+    if config.mode == 'eval':  # creates nothing before a checkpoint appears
         return continuous_eval(config, strategy, info, flags)
     if config.mode == 'export':
-        model, step = restore_for_inference(config, strategy, info,
-                                            tf.train.latest_checkpoint(config.model_dir))
+        if chief:
+            prepare_model_dir(config, 'eval')
+        model, step = restore_newest(config, strategy, info)
         export_model(config, model, step)
         return None
+    if chief:
+        prepare_model_dir(config, 'train')
     task_id = getattr(getattr(strategy, 'cluster_resolver', None), 'task_id', 0) or 0
     state = train.train(config, strategy, info, chief=chief, task_id=task_id)
-    if config.mode == 'train' or state.stopped:
+    replaced = data.undecodable_count()
+    if replaced:
+        logging.warning('%d training images could not be decoded and were replaced by grey ones '
+                        '(their paths are logged above)', replaced)
+    if state.stopped:
+        raise train.Preempted(state.stopped, state.step, state.checkpointer.latest)
+    if config.mode == 'train':
         return None
     result = evaluate.evaluate(config, strategy, state.model, info, state.step)
     if chief:
         evaluate.write_results(config, result, flags)
         result['saved_model'] = export_model(config, state.model, state.step)
+    if replaced:
+        result['undecodable_images'] = replaced
     return result
+
+
+def prepare_model_dir(config: Config, role: str) -> None:
+    """Claims model_dir for this run (the chief's job): creates it, takes the `role` lock, checks
+    config.json against `config`; for training also moves an old run aside (--start_over) or
+    removes an interrupted save's leftovers, and writes config.json."""
+    tf.io.gfile.makedirs(config.model_dir)
+    model_dir_lib.lock(config.model_dir, role)
+    if role != 'train':
+        model_dir_lib.check_config(config, config.model_dir)
+        return
+    if config.start_over:
+        model_dir_lib.move_aside(config.model_dir)
+    else:
+        model_dir_lib.check_config(config, config.model_dir)
+        model_dir_lib.clean_leftovers(config.model_dir)
+        from simclr_tf import export
+        export.repair(config.model_dir)
+    model_dir_lib.write_config(config)
 
 
 def export_model(config: Config, model: keras.Model, step: int) -> str:
@@ -89,32 +120,85 @@ def restore_for_inference(config: Config, strategy: tf.distribute.Strategy,
     return model, _step_of(path)
 
 
+def restore_newest(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetInfo
+                   ) -> tuple[keras.Model, int]:
+    """The newest checkpoint of model_dir that can be read (mode=export); older ones are tried
+    when the newest cannot be read, with a warning."""
+    problems = []
+    for _, path in reversed(checkpoint.list_checkpoints(config.model_dir)):
+        try:
+            return restore_for_inference(config, strategy, info, path)
+        except (tf.errors.OpError, IndexError, OSError) as e:
+            logging.warning('checkpoint %s cannot be read (%s: %s); trying the one before', path,
+                            type(e).__name__, str(e).strip()[:200])
+            problems.append(path)
+    raise ConfigError(f'no readable checkpoint in model_dir={config.model_dir!r}'
+                      + (f' ({", ".join(problems)} cannot be read)' if problems else ''))
+
+
 def continuous_eval(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetInfo,
-                    flags: Optional[dict[str, Any]] = None) -> Optional[dict[str, float]]:
-    """Evaluates every kept checkpoint not yet evaluated, then each new one, until the last step."""
+                    flags: Optional[dict[str, Any]] = None,
+                    wait_log_secs: Optional[float] = None) -> Optional[dict[str, float]]:
+    """Evaluates every kept checkpoint not yet evaluated, then each new one, until the last step.
+
+    Says at once when model_dir has no checkpoint and then, while waiting, logs "waiting for
+    checkpoints in …" every WAIT_LOG_SECS. Creates nothing in model_dir before a checkpoint is
+    there. With eval_timeout > 0 it gives up after that many seconds without a new checkpoint;
+    having seen none at all is then an error.
+    """
     from simclr_tf import optim
+    wait_log_secs = WAIT_LOG_SECS if wait_log_secs is None else wait_log_secs
+    model_dir = config.model_dir
     last_step = optim.train_steps(config, info.num_train_examples)
-    result = None
-    for _ in tf.train.checkpoints_iterator(config.model_dir, min_interval_secs=1,
-                                           timeout=config.eval_timeout or None):
-        for path in _unevaluated(config.model_dir):
-            model, step = restore_for_inference(config, strategy, info, path)
+    if not checkpoint.list_checkpoints(model_dir):
+        where = '' if tf.io.gfile.isdir(model_dir) else ' (the directory does not exist yet)'
+        logging.warning('no checkpoint in %s%s; waiting for checkpoints (%s)', model_dir, where,
+                        f'eval_timeout={config.eval_timeout}s' if config.eval_timeout
+                        else f'until step {last_step}; --eval_timeout sets a limit')
+    result, claimed, skipped = None, False, set()
+    last_new = last_log = time.time()
+    while True:
+        pending = [p for p in _unevaluated(model_dir) if p not in skipped]
+        if pending and not claimed:
+            prepare_model_dir(config, 'eval')
+            claimed = True
+        for path in pending:
+            try:
+                model, step = restore_for_inference(config, strategy, info, path)
+            except (tf.errors.OpError, IndexError, OSError) as e:
+                # Deleted by training's keep_checkpoint_max while read, or damaged.
+                logging.warning('skipping checkpoint %s: %s: %s', path, type(e).__name__,
+                                str(e).strip()[:200])
+                skipped.add(path)
+                continue
             result = evaluate.evaluate(config, strategy, model, info, step)
             evaluate.write_results(config, result, flags)
             export_model(config, model, step)
+            last_new = time.time()
             if step >= last_step:
                 return result
-        if _step_of(tf.train.latest_checkpoint(config.model_dir) or '') >= last_step:
+        found = checkpoint.list_checkpoints(model_dir)
+        if found and found[-1][0] >= last_step and not pending:
             return result  # the last step's checkpoint was evaluated before (e.g. by training)
-    return result
+        now = time.time()
+        if config.eval_timeout and now - last_new > config.eval_timeout:
+            if not found:
+                raise ConfigError(f'no checkpoint appeared in model_dir={model_dir!r} within '
+                                  f'eval_timeout={config.eval_timeout}s')
+            logging.info('no new checkpoint in %s for %ds; stopping', model_dir,
+                         config.eval_timeout)
+            return result
+        if now - last_log >= wait_log_secs:
+            logging.info('waiting for checkpoints in %s (newest: %s)', model_dir,
+                         found[-1][1] if found else 'none')
+            last_log = now
+        time.sleep(1)
 
 
 def _unevaluated(model_dir: str) -> list[str]:
     """Checkpoints of model_dir, oldest first, that have no result_<step>.json yet."""
-    state = tf.train.get_checkpoint_state(model_dir)
-    paths = list(state.all_model_checkpoint_paths) if state else []
-    return [p for p in paths if not tf.io.gfile.exists(
-        os.path.join(model_dir, f'result_{_step_of(p)}.json'))]
+    return [p for step, p in checkpoint.list_checkpoints(model_dir) if not tf.io.gfile.exists(
+        os.path.join(model_dir, f'result_{step}.json'))]
 
 
 def _step_of(path: str) -> int:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import math
+import os
 import signal
 import sys
+import threading
 import time
 from typing import Callable, Optional
 
@@ -28,6 +31,22 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
 
 
+# Exit status of a run stopped by SIGTERM/SIGINT after saving its checkpoint: EX_TEMPFAIL of
+# sysexits.h, "temporary failure, try again", so a scheduler or `&&` chain does not take it for
+# a finished run. A second signal ends the process at once with 128 + the signal's number.
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(Exception):
+    """Training stopped by a signal after saving a checkpoint; rerunning resumes it."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Optional[str]):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        saved = f'latest checkpoint {checkpoint}' if checkpoint else 'no checkpoint yet'
+        super().__init__(f'preempted by {signal.Signals(signum).name} at step {step} ({saved}), '
+                         'resume by rerunning the same command')
+
+
 @dataclasses.dataclass
 class TrainState:
     model: SimCLRModel
@@ -36,7 +55,7 @@ class TrainState:
     schedule: optim.WarmUpAndCosineDecay
     total_steps: int
     checkpoint_steps: int
-    stopped: bool = False  # by SIGTERM/SIGINT, before total_steps
+    stopped: int = 0  # the signal (SIGTERM/SIGINT) that stopped training before total_steps
 
     @property
     def step(self) -> int:
@@ -141,10 +160,15 @@ def use_jit(config: Config, strategy: tf.distribute.Strategy) -> bool:
     return config.jit_compile and replicas == 1
 
 
-def make_loop_fn(config: Config, state: TrainState, strategy: tf.distribute.Strategy) -> Callable:
-    """`loop(iterator, n)`: n steps inside one tf.function; the metrics averaged over them."""
+def make_loop_fn(config: Config, state: TrainState, strategy: tf.distribute.Strategy,
+                 stop: Optional[tf.Variable] = None) -> Callable:
+    """`loop(iterator, n)`: up to n steps inside one tf.function; the metrics averaged over the
+    steps run. Before each step it reads `stop` (a bool variable a signal handler sets), so a
+    stop request ends the loop after the current step, not after n."""
     step_fn = make_step_fn(config, state, strategy)
     jit = use_jit(config, strategy)
+    if stop is None:
+        stop = tf.Variable(False, trainable=False)
 
     # XLA compiles the step, not the loop: the iterator cannot live inside an XLA cluster.
     replica_step = tf.function(step_fn, jit_compile=True) if jit else step_fn
@@ -152,33 +176,66 @@ def make_loop_fn(config: Config, state: TrainState, strategy: tf.distribute.Stra
     @tf.function
     def loop(iterator, n: tf.Tensor) -> tf.Tensor:
         total = tf.zeros([len(metric_names(config, state.model.supervised_head is not None))])
+        done = tf.constant(0)
         for _ in tf.range(n):
+            if stop.read_value():
+                break
             per_replica = strategy.run(replica_step, args=next(iterator))
             total += strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
-        return total / tf.cast(n, tf.float32)
+            done += 1
+        return total / tf.cast(tf.maximum(done, 1), tf.float32)
 
     return loop
 
 
 class _StopRequest:
-    """SIGTERM/SIGINT ask the loop to checkpoint and exit cleanly at the end of the current loop."""
+    """SIGTERM/SIGINT ask training to checkpoint after the current step and stop; a second signal
+    ends the process at once (exit status 128 + signal number), without saving.
+
+    Python runs signal handlers only in the main thread between bytecodes, never while it waits in
+    a TensorFlow call; so the loop runs in a worker thread (`call`) while the main thread waits
+    interruptibly, and the handler sets `variable`, which the loop reads before every step.
+    """
 
     def __init__(self):
-        self.signal: Optional[int] = None
+        self.signal: int = 0
+        self.variable = tf.Variable(False, trainable=False)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='train_loop')
+        self._main = threading.current_thread() is threading.main_thread()
 
     def __enter__(self):
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        if self._main:  # signal.signal works only there; elsewhere (tests) no handlers
+            self._previous = {s: signal.signal(s, self._handle)
+                              for s in (signal.SIGTERM, signal.SIGINT)}
         return self
 
     def _handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
+        if self.signal:
+            logging.error('second signal (%s): stopping now, without a checkpoint',
+                          signal.Signals(signum).name)
+            sys.stderr.flush()
+            os._exit(128 + signum)
         self.signal = signum
-        logging.warning('received signal %d: will checkpoint and stop after this loop', signum)
+        self.variable.assign(True)
+        logging.warning('received %s: checkpointing after the current step, then stopping '
+                        '(a second signal stops at once)', signal.Signals(signum).name)
+
+    def call(self, fn: Callable, *args):
+        """fn(*args) in the worker thread; the main thread stays free to run signal handlers."""
+        if not self._main:
+            return fn(*args)
+        future = self._pool.submit(fn, *args)
+        while True:
+            try:
+                return future.result(timeout=0.1)
+            except concurrent.futures.TimeoutError:
+                continue
 
     def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
+        if self._main:
+            for s, handler in self._previous.items():
+                signal.signal(s, handler)
+        self._pool.shutdown(wait=False)
 
 
 def _progress_line(step: int, total: int, values: dict, images_per_s: float, eta_s: float) -> str:
@@ -214,7 +271,15 @@ def _write_image_summary(config: Config, info: data.DatasetInfo, writer, step: i
 def train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetInfo,
           chief: bool = True, task_id: int = 0,
           on_checkpoint: Optional[Callable[[TrainState], None]] = None) -> TrainState:
-    """Trains until `total_steps`, resuming from `model_dir`; returns the final state."""
+    """Trains until `total_steps`, resuming from `model_dir`; returns the final state (with
+    `stopped` set if SIGTERM/SIGINT came, from the start of this call on)."""
+    with _StopRequest() as stop:
+        return _train(config, strategy, info, chief, task_id, on_checkpoint, stop)
+
+
+def _train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetInfo, chief: bool,
+           task_id: int, on_checkpoint: Optional[Callable[[TrainState], None]],
+           stop: '_StopRequest') -> TrainState:
     state = build_state(config, strategy, info, chief=chief, task_id=task_id)
     names = metric_names(config, state.model.supervised_head is not None)
     writer = tf.summary.create_file_writer(config.model_dir) if chief else tf.summary.create_noop_writer()
@@ -226,53 +291,64 @@ def train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetIn
         _write_image_summary(config, info, writer, 0)
     dataset = data.build_distributed_dataset(strategy, config, True, start_step=start)
     iterator = iter(dataset)
-    loop = make_loop_fn(config, state, strategy)
+    loop = make_loop_fn(config, state, strategy, stop.variable)
     per_loop = steps_per_loop(config, state.checkpoint_steps)
     summaries = config.train_summary_steps > 0  # 0: no step summaries, as the TF1 flag
     interactive = chief and sys.stderr.isatty()
     run_start, run_images = time.time(), 0
 
-    with _StopRequest() as stop:
-        while state.step < state.total_steps:
-            step = state.step
-            to_checkpoint = state.checkpoint_steps - step % state.checkpoint_steps
-            n = min(per_loop, to_checkpoint, state.total_steps - step)
-            t0 = time.time()
-            values = loop(iterator, tf.constant(n)).numpy()
-            elapsed = time.time() - t0
-            step = state.step
-            if not np.all(np.isfinite(values)):
-                bad = {k: float(v) for k, v in zip(names, values) if not math.isfinite(v)}
-                raise TrainingDiverged(
-                    f'non-finite training metrics at step {step}: {bad}; stopped without saving, '
-                    f'the last good checkpoint is {state.checkpointer.latest}. Lower the learning '
-                    'rate or check the input data.')
-            metrics = dict(zip(names, map(float, values)))
-            lr = float(state.schedule(step - 1))
-            if summaries:
-                with writer.as_default():
-                    for k, v in metrics.items():
-                        tf.summary.scalar(k, v, step=step)
-                    tf.summary.scalar('learning_rate', lr, step=step)
-            images = n * config.train_batch_size
-            run_images += images
-            rate = run_images / max(time.time() - run_start, 1e-9)
-            eta = (state.total_steps - step) * config.train_batch_size / max(rate, 1e-9)
-            line = _progress_line(step, state.total_steps, metrics, images / elapsed, eta)
-            if interactive:
-                done = int(30 * step / state.total_steps)
-                sys.stderr.write(f'\r[{"#" * done}{"." * (30 - done)}] {line}')
-                sys.stderr.flush()
-            logging.info('%s', line)
-            if step % state.checkpoint_steps == 0 or step == state.total_steps or stop.signal:
-                _check_finite(state, step)
+    logging.info('training from step %d to %d (on SIGTERM or SIGINT: checkpoint after the '
+                 'current step and stop)', start, state.total_steps)
+    while state.step < state.total_steps:
+        step = state.step
+        to_checkpoint = state.checkpoint_steps - step % state.checkpoint_steps
+        n = min(per_loop, to_checkpoint, state.total_steps - step)
+        t0 = time.time()
+        values = stop.call(lambda: loop(iterator, tf.constant(n)).numpy())
+        elapsed = time.time() - t0
+        n = state.step - step  # fewer than asked if a signal came
+        step = state.step
+        if n == 0:  # stopped before the first step of this loop
+            if step > start:  # else nothing new to save
                 state.checkpointer.save(step)
-                if on_checkpoint:
-                    on_checkpoint(state)
-            if stop.signal:
-                state.stopped = True
-                logging.warning('stopped by signal %d at step %d; checkpoint saved', stop.signal, step)
-                break
+            state.stopped = stop.signal
+            logging.warning('stopped by %s at step %d; %s', signal.Signals(stop.signal).name,
+                            step, 'checkpoint saved' if step > start else 'nothing new to save')
+            break
+        if not np.all(np.isfinite(values)):
+            bad = {k: float(v) for k, v in zip(names, values) if not math.isfinite(v)}
+            raise TrainingDiverged(
+                f'non-finite training metrics at step {step}: {bad}; stopped without saving, '
+                f'the last good checkpoint is {state.checkpointer.latest}. Lower the learning '
+                'rate or check the input data.')
+        metrics = dict(zip(names, map(float, values)))
+        lr = float(state.schedule(step - 1))
+        if summaries:
+            with writer.as_default():
+                for k, v in metrics.items():
+                    tf.summary.scalar(k, v, step=step)
+                tf.summary.scalar('learning_rate', lr, step=step)
+        images = n * config.train_batch_size
+        run_images += images
+        rate = run_images / max(time.time() - run_start, 1e-9)
+        eta = (state.total_steps - step) * config.train_batch_size / max(rate, 1e-9)
+        line = _progress_line(step, state.total_steps, metrics, images / max(elapsed, 1e-9),
+                              eta)
+        if interactive:
+            done = int(30 * step / state.total_steps)
+            sys.stderr.write(f'\r[{"#" * done}{"." * (30 - done)}] {line}')
+            sys.stderr.flush()
+        logging.info('%s', line)
+        if step % state.checkpoint_steps == 0 or step == state.total_steps or stop.signal:
+            _check_finite(state, step)
+            state.checkpointer.save(step)
+            if on_checkpoint:
+                on_checkpoint(state)
+        if stop.signal:
+            state.stopped = stop.signal
+            logging.warning('stopped by %s at step %d; checkpoint saved',
+                            signal.Signals(stop.signal).name, step)
+            break
     if interactive:
         sys.stderr.write('\n')
     writer.flush()

@@ -205,6 +205,16 @@ def test_bad_input_is_named(loaded, bad, message):
         loaded(tf.constant(bad), trainable=False)
 
 
+@pytest.mark.parametrize('bad, message', [
+    (np.zeros((32, 32, 3), np.float32), r'must be float32 \[N, H, W, 3\]'),
+    (np.zeros((2, 32, 32, 1), np.float32), r'must be float32 \[N, H, W, 3\]'),
+    (np.zeros((2, 32, 32, 3), np.uint8), 'images_must_be_float32_in_0_1.*float.*uint8'),
+])
+def test_serving_signature_names_bad_input(loaded, bad, message):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        loaded.signatures['serving_default'](images=tf.constant(bad))
+
+
 def test_load_rejects_what_is_not_an_export(exported, tmp_path):
     config = exported[0]
     with pytest.raises(FileNotFoundError, match='does not exist'):

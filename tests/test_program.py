@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf import data, train
+from simclr_tf import checkpoint, data, train
 from simclr_tf.config import Config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,29 +115,44 @@ def test_resume_equals_uninterrupted(tmp_path, sample_dir):
         np.testing.assert_allclose(b.numpy(), a.numpy(), atol=1e-5, err_msg=a.path)
 
 
-def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path, sample_dir):
+def test_sigterm_checkpoints_exits_75_and_resumes_and_a_second_signal_stops_at_once(
+        tmp_path, sample_dir):
     args = [f'--dataset={sample_dir}', f'--model_dir={tmp_path}', '--train_steps=40',
-            '--train_batch_size=8', '--steps_per_loop=1', '--checkpoint_steps=1000', *TINY]
+            '--train_batch_size=8', '--steps_per_loop=5', '--checkpoint_steps=1000', *TINY]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONUNBUFFERED='1')
-    proc = subprocess.Popen([sys.executable, 'run.py', *args], cwd=REPO, env=env,
-                            stderr=subprocess.PIPE, text=True)
-    seen, deadline = [], time.time() + 300
-    for line in proc.stderr:
-        seen.append(line)
-        if re.search(r'step [3-9]/40', line) or time.time() > deadline:
-            break
-    proc.send_signal(signal.SIGTERM)
+
+    def start_and_wait_for(pattern):
+        proc = subprocess.Popen([sys.executable, 'run.py', *args], cwd=REPO, env=env,
+                                stderr=subprocess.PIPE, text=True)
+        seen, deadline = [], time.time() + 300
+        for line in proc.stderr:
+            seen.append(line)
+            if re.search(pattern, line) or time.time() > deadline:
+                break
+        return proc, seen
+
+    proc, seen = start_and_wait_for(r'step 5/40')  # the first loop of 5 steps is done
+    proc.send_signal(signal.SIGTERM)  # in the second loop, or before its first step
     _, rest = proc.communicate(timeout=120)
     log = ''.join(seen) + rest
-    assert proc.returncode == 0, log[-3000:]
-    stopped_at = int(re.search(r'stopped by signal \d+ at step (\d+)', log).group(1))
-    assert 3 <= stopped_at < 40
-    assert tf.train.latest_checkpoint(str(tmp_path)).endswith(f'ckpt-{stopped_at}')
+    assert proc.returncode == train.PREEMPTED_EXIT_CODE == 75, log[-3000:]
+    assert 'preempted by SIGTERM' in log and 'resume by rerunning' in log
+    stopped_at = int(re.search(r'stopped by SIGTERM at step (\d+)', log).group(1))
+    assert 5 <= stopped_at < 40
+    assert checkpoint.list_checkpoints(str(tmp_path))[-1][0] == stopped_at
+    assert not (tmp_path / 'result.json').exists()
 
-    rerun = run_py(*args)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f'resumed from {tmp_path}/ckpt-{stopped_at}' in rerun.stderr
-    assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-40')
+    # The rerun resumes; two Ctrl-C end it at once, with 128 + SIGINT and no new checkpoint.
+    proc, seen = start_and_wait_for(r'resumed from')
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=60)
+    log = ''.join(seen) + rest
+    assert f'resumed from {tmp_path}/ckpt-{stopped_at}' in log, log[-3000:]
+    assert proc.returncode == 128 + signal.SIGINT, log[-3000:]
+    assert 'stopping now, without a checkpoint' in log
+    assert checkpoint.list_checkpoints(str(tmp_path))[-1][0] == stopped_at
 
 
 def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, sample_dir):

@@ -1,0 +1,180 @@
+"""The model_dir belongs to one run: path checks, a lock, the config check, leftovers, start over.
+
+Nothing here deletes a checkpoint or an export: what looks damaged or is replaced is renamed or
+moved aside, only our own temporary files are removed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import socket
+import sys
+from typing import Any, Optional
+
+import tensorflow as tf
+
+from simclr_tf.config import Config, ConfigError
+
+# Fields that may differ between the run that wrote model_dir/config.json and a rerun in the same
+# model_dir: how long to train, what to do, evaluation, resources and bookkeeping. Every other
+# field changes the model, the objective or the data stream, so resuming under it would silently
+# mix two experiments.
+RESUMABLE_FIELDS = frozenset({
+    'mode', 'train_steps', 'train_epochs', 'checkpoint_steps', 'checkpoint_epochs',
+    'eval_steps', 'eval_batch_size', 'eval_split', 'eval_name', 'eval_timeout',
+    'knn_k', 'knn_temperature', 'knn_train_examples', 'keep_checkpoint_max',
+    'keep_hub_module_max', 'train_summary_steps', 'steps_per_loop', 'inter_op_threads',
+    'intra_op_threads', 'cpu_replicas', 'jit_compile', 'cache_dataset', 'data_dir', 'master',
+    'use_tpu', 'tpu_name', 'tpu_zone', 'gcp_project', 'model_dir', 'start_over',
+    # Only read when a run starts without a checkpoint of its own (fine-tuning's initial weights).
+    'checkpoint', 'variable_schema', 'zero_init_logits_layer',
+})
+_LOCKS: dict[str, Any] = {}  # '<model_dir>:<role>' -> its open lock file, held until exit
+
+
+def is_local(path: str) -> bool:
+    return '://' not in path
+
+
+def check_path(model_dir: str, create: bool) -> None:
+    """Fails with one line naming the problem if model_dir cannot be used as a directory (a file,
+    below a file, not writable). Local paths only; remote file systems report when written."""
+    if not is_local(model_dir):
+        return
+    path = os.path.abspath(model_dir)
+    probe = path
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        where = 'is a file' if probe == path else f'is below {probe}, which is a file'
+        raise ConfigError(f'model_dir={model_dir!r} {where}, not a directory')
+    if create and not os.access(probe, os.W_OK | os.X_OK):
+        what = 'is' if probe == path else f'cannot be created: {probe} is'
+        raise ConfigError(f'model_dir={model_dir!r} {what} not writable (permission denied)')
+
+
+def lock(model_dir: str, role: str) -> None:
+    """Takes model_dir's `role` lock ('train' or 'eval') for the rest of the process, or fails
+    naming the process that holds it.
+
+    An exclusive `fcntl.flock` on `model_dir/.<role>.lock`: the kernel releases it when its
+    process ends in any way (kill -9 included), so a crash never leaves it held; it works across
+    processes on a local disk (and on NFS, where Linux maps it to a byte-range lock). Object stores
+    (gs://, s3://) have no locks: there a warning is logged and nothing is locked.
+    """
+    key = f'{os.path.abspath(model_dir) if is_local(model_dir) else model_dir}:{role}'
+    if key in _LOCKS:
+        return
+    if not is_local(model_dir):
+        logging.warning('no lock on %s: file locks need a local or NFS path; make sure only one '
+                        'run writes to this model_dir', model_dir)
+        return
+    import fcntl
+    path = os.path.join(model_dir, f'.{role}.lock')
+    f = open(path, 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or 'unknown process'
+        f.close()
+        raise ConfigError(f'model_dir={model_dir!r} is in use by another {role} run ({holder}); '
+                          'wait for it to end or use another --model_dir') from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()} on {socket.gethostname()} since '
+            f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M:%S} UTC: '
+            f'{" ".join(sys.argv)[:300]}\n')
+    f.flush()
+    _LOCKS[key] = f
+
+
+def release_locks() -> None:
+    """Releases the locks this process holds (tests; a process's locks go with it)."""
+    for f in _LOCKS.values():
+        f.close()
+    _LOCKS.clear()
+
+
+def check_config(config: Config, model_dir: str) -> None:
+    """Fails, listing the flags, if model_dir's config.json differs from `config` in a field that
+    must stay fixed for the life of a run (all but RESUMABLE_FIELDS)."""
+    path = os.path.join(model_dir, 'config.json')
+    if not tf.io.gfile.exists(path):
+        return
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            saved = json.load(f)
+    except (ValueError, tf.errors.OpError) as e:
+        raise ConfigError(f'{path} is not readable JSON ({e}); move it away to go on') from None
+    current = config.to_dict()
+    differing = [f'--{k}={current[k]!r} (model_dir has {saved[k]!r})'
+                 for k in sorted(current) if k in saved and k not in RESUMABLE_FIELDS
+                 and _normalise(saved[k]) != _normalise(current[k])]
+    if differing:
+        raise ConfigError(
+            f'model_dir={model_dir!r} holds a run with other hyperparameters; this run differs '
+            f'in: {", ".join(differing)}. Rerun with the model_dir\'s values, use another '
+            '--model_dir, or pass --start_over to move its files aside and train from scratch')
+
+
+def _normalise(value: Any) -> Any:
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if numeric else value
+
+
+def write_config(config: Config) -> None:
+    with tf.io.gfile.GFile(os.path.join(config.model_dir, 'config.json'), 'w') as f:
+        f.write(config.to_json())
+
+
+def clean_leftovers(model_dir: str) -> list[str]:
+    """Removes what a killed save leaves behind: `ckpt-<N>_temp/` directories and the state
+    file's `checkpoint.tmp*`. Call only while holding the train lock. Returns what it removed."""
+    removed = []
+    for pattern in ('ckpt-*_temp', 'checkpoint.tmp*'):
+        for path in tf.io.gfile.glob(os.path.join(model_dir, pattern)):
+            if tf.io.gfile.isdir(path):
+                tf.io.gfile.rmtree(path)
+            else:
+                tf.io.gfile.remove(path)
+            removed.append(path)
+    for path in removed:
+        logging.warning('removed %s, left by a save that was interrupted', path)
+    return removed
+
+
+def contents(model_dir: str) -> list[str]:
+    """What in model_dir is worth keeping: checkpoints, exports, results (for messages)."""
+    if not tf.io.gfile.isdir(model_dir):
+        return []
+    found = sorted(os.path.basename(p) for pattern in ('ckpt-*.index', 'unreadable-*.index')
+                   for p in tf.io.gfile.glob(os.path.join(model_dir, pattern)))
+    exports = os.path.join(model_dir, 'saved_model')
+    if tf.io.gfile.isdir(exports):
+        found += [f'saved_model/{n.rstrip("/")}' for n in sorted(tf.io.gfile.listdir(exports))
+                  if n.rstrip('/').isdigit()]
+    found += sorted(os.path.basename(p)
+                    for p in tf.io.gfile.glob(os.path.join(model_dir, 'result*.json')))
+    return found
+
+
+def move_aside(model_dir: str) -> Optional[str]:
+    """--start_over: moves every file of model_dir (but locks and earlier `previous-*` folders)
+    into `model_dir/previous-<UTC time>/`; returns that folder, or None if there was nothing."""
+    if not tf.io.gfile.isdir(model_dir):
+        return None
+    names = [n.rstrip('/') for n in tf.io.gfile.listdir(model_dir)]
+    names = [n for n in names if not (n.endswith('.lock') or n.startswith('previous-'))]
+    if not names:
+        return None
+    target = os.path.join(model_dir, 'previous-' + datetime.datetime.now(
+        datetime.timezone.utc).strftime('%Y%m%d-%H%M%S'))
+    tf.io.gfile.makedirs(target)
+    for name in names:
+        tf.io.gfile.rename(os.path.join(model_dir, name), os.path.join(target, name))
+    logging.warning('--start_over: moved %d entries of %s to %s', len(names), model_dir, target)
+    return target
