@@ -2,7 +2,8 @@
 
 Field names, defaults and meanings are those of the authors' TF2 `run.py` flags (plus the TF1
 version's `train_summary_steps` and `variable_schema`); fields marked *new* are additions. Library
-code receives a `Config`; only the program (`simclr_tf_cli.py`, run by `run.py`) turns absl flags into one.
+code receives a `Config`; only the program (`simclr_tf_cli.py`, run by `run.py`) turns absl flags
+into one.
 """
 
 from __future__ import annotations
