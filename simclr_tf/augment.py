@@ -25,6 +25,7 @@ from simclr_tf.config import Config
 CROP_AREA = (0.08, 1.0)
 CROP_ASPECT = (3 / 4, 4 / 3)  # width / height
 CROP_ATTEMPTS = 100
+CROP_MIN_COVERED = 0.1  # of the whole image: the authors' min_object_covered
 EVAL_CROP_PROPORTION = 0.875
 JITTER_P, GRAYSCALE_P, BLUR_P, FLIP_P = 0.8, 0.2, 0.5, 0.5
 BLUR_SIGMA = (0.1, 2.0)
@@ -69,30 +70,58 @@ def to_float(image: tf.Tensor) -> tf.Tensor:
 
 
 # ---------------------------------------------------------------- crop and resize
-def _sample_crops(height: tf.Tensor, width: tf.Tensor, batch: tf.Tensor, seed: Seed
-                  ) -> tf.Tensor:
-    """[b, 4] boxes (top, left, height, width) of random crops: area U(0.08, 1) of the image,
-    aspect ratio U(3/4, 4/3). 100 attempts per image are drawn at once; the first whose integer
-    box fits and still meets both ranges wins, else a centre crop of the image's clamped
-    aspect ratio."""
-    area_seed, aspect_seed, offset_seed = _split(seed, 3)
-    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-    area = _uniform(area_seed, [batch, CROP_ATTEMPTS], *CROP_AREA) * h * w
-    aspect = _uniform(aspect_seed, [batch, CROP_ATTEMPTS], *CROP_ASPECT)
-    cw = tf.round(tf.sqrt(area * aspect))
-    ch = tf.round(tf.sqrt(area / aspect))
-    ok = ((cw >= 1) & (ch >= 1) & (cw <= w) & (ch <= h) & (cw * ch >= CROP_AREA[0] * h * w)
-          & (cw >= CROP_ASPECT[0] * ch) & (cw <= CROP_ASPECT[1] * ch))
+def _round(x: tf.Tensor) -> tf.Tensor:
+    return tf.round(x)  # half to even, as C's lrintf
+
+
+def sample_crops(height, width, n, seed: Seed) -> tf.Tensor:
+    """[n, 4] boxes (top, left, height, width) of random crops of an image of height x width,
+    drawn as the authors draw them: TensorFlow's `sample_distorted_bounding_box` with area range
+    (0.08, 1), aspect ratio (width / height) range (3/4, 4/3), min_object_covered 0.1 of the
+    whole image, 100 attempts, the whole image if none succeeds.
+
+    Each attempt (all drawn at once) follows the op's kernel: aspect ratio a ~ U(3/4, 4/3); the
+    crop height uniform over the integers between round(sqrt(min_area / a)) and
+    round(sqrt(max_area / a)) (capped so round(height * a) fits the width and height fits the
+    height); width round(height * a); one step up or down if rounding left the area range;
+    rejected if outside the ranges or under 10 % of the image. The offsets are uniform over
+    [0, H - h) and [0, W - w), as the kernel's (never touching the far edge unless the crop
+    spans the image). Seeded: the boxes are a pure function of (height, width, n, seed)."""
+    aspect_seed, height_seed, offset_seed = _split(seed, 3)
+    big_h, big_w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    min_area = CROP_AREA[0] * big_w * big_h  # float32, the kernel's order of operations
+    max_area = CROP_AREA[1] * big_w * big_h
+    aspect = _uniform(aspect_seed, [n, CROP_ATTEMPTS], *CROP_ASPECT)
+    low = _round(tf.sqrt(min_area / aspect))
+    high = _round(tf.sqrt(max_area / aspect))
+    # The largest height whose rounded width fits (the kernel computes this one in double).
+    fit = tf.cast(tf.floor((tf.cast(width, tf.float64) + 0.5 - 1e-7) / tf.cast(aspect, tf.float64)),
+                  tf.float32)
+    fit = tf.where(_round(fit * aspect) > big_w, fit - 1, fit)
+    high = tf.minimum(tf.where(_round(high * aspect) > big_w, fit, high), big_h)
+    low = tf.minimum(low, high)
+    span = high - low + 1
+    crop_h = low + tf.minimum(tf.floor(_uniform(height_seed, [n, CROP_ATTEMPTS]) * span), span - 1)
+    crop_w = _round(crop_h * aspect)
+    area = crop_w * crop_h
+    grow = area < min_area
+    crop_h = tf.where(grow, crop_h + 1, crop_h)
+    crop_w = tf.where(grow, _round(crop_h * aspect), crop_w)
+    area = crop_w * crop_h
+    shrink = area > max_area
+    crop_h = tf.where(shrink, crop_h - 1, crop_h)
+    crop_w = tf.where(shrink, _round(crop_h * aspect), crop_w)
+    area = crop_w * crop_h
+    ok = ((area >= min_area) & (area <= max_area) & (crop_w <= big_w) & (crop_h <= big_h)
+          & (crop_w > 0) & (crop_h > 0) & (area / (big_w * big_h) >= CROP_MIN_COVERED))
     first = tf.argmax(tf.cast(ok, tf.int32), axis=1)[:, None]
     found = tf.reduce_any(ok, axis=1)
-    ch = tf.where(found, tf.gather(ch, first, batch_dims=1)[:, 0],
-                  tf.minimum(h, tf.round(w / CROP_ASPECT[0])))
-    cw = tf.where(found, tf.gather(cw, first, batch_dims=1)[:, 0],
-                  tf.minimum(w, tf.round(h * CROP_ASPECT[1])))
-    u = _uniform(offset_seed, [2, batch])
-    top = tf.where(found, tf.floor(u[0] * (h - ch + 1)), tf.floor((h - ch) / 2))
-    left = tf.where(found, tf.floor(u[1] * (w - cw + 1)), tf.floor((w - cw) / 2))
-    return tf.cast(tf.stack([top, left, ch, cw], axis=1), tf.int32)
+    crop_h = tf.where(found, tf.gather(crop_h, first, batch_dims=1)[:, 0], big_h)
+    crop_w = tf.where(found, tf.gather(crop_w, first, batch_dims=1)[:, 0], big_w)
+    u = _uniform(offset_seed, [2, n])
+    top = tf.minimum(tf.floor(u[0] * (big_h - crop_h)), tf.maximum(big_h - crop_h - 1, 0))
+    left = tf.minimum(tf.floor(u[1] * (big_w - crop_w)), tf.maximum(big_w - crop_w - 1, 0))
+    return tf.cast(tf.stack([top, left, crop_h, crop_w], axis=1), tf.int32)
 
 
 def _bicubic_taps(start: tf.Tensor, length: tf.Tensor, size: int
@@ -128,9 +157,9 @@ def crop_and_resize(images: tf.Tensor, boxes: tf.Tensor, size: int) -> tf.Tensor
 
 
 def random_resized_crop(images: tf.Tensor, size: int, seed: Seed) -> tf.Tensor:
-    """Inception-style random crop, resized back to size x size (bicubic)."""
+    """The authors' random crop (`sample_crops`), resized to size x size (bicubic)."""
     shape = tf.shape(images)
-    return crop_and_resize(images, _sample_crops(shape[1], shape[2], shape[0], seed), size)
+    return crop_and_resize(images, sample_crops(shape[1], shape[2], shape[0], seed), size)
 
 
 def center_crop_resize(images: tf.Tensor, size: int) -> tf.Tensor:
@@ -214,7 +243,10 @@ def _color_coins(batch: tf.Tensor, seed: Seed) -> tuple[tf.Tensor, tf.Tensor, Se
 
 def random_color_distortion(images: tf.Tensor, config: Config, seed: Seed, jit: bool = False
                             ) -> tf.Tensor:
-    """Colour jitter with p = 0.8, then (independently) grayscale with p = 0.2."""
+    """Colour jitter with p = 0.8, then (independently) grayscale with p = 0.2. At strength 0
+    no colour op at all, grey included, as the authors (their "no colour" ablations)."""
+    if config.color_jitter_strength <= 0:
+        return images
     jitter, gray, jitter_seed = _color_coins(tf.shape(images)[0], seed)
     jittered = color_jitter(images, config.color_jitter_strength, jitter_seed, config.brightness,
                             jit)

@@ -56,6 +56,13 @@ def test_colour_jitter_ranges_and_random_order():
     assert not np.allclose(y1.numpy(), y.numpy())
 
 
+def test_strength_zero_applies_no_colour_op_not_even_grey(image):
+    config = CONFIG.replace(augmentations='color', color_jitter_strength=0.0)
+    images = np.repeat(image[None], 200, axis=0)
+    out = augment.preprocess_for_pretrain(images, config, tf.constant([1, 2])).numpy()
+    np.testing.assert_array_equal(out, np.broadcast_to(augment.to_float(image).numpy(), out.shape))
+
+
 def test_blur_is_applied_to_about_half_of_the_views_with_sigma_in_range(image):
     config = CONFIG.replace(use_blur=True)
     seed = tf.constant([5, 6], tf.int64)
@@ -82,28 +89,66 @@ def test_blur_kernel_is_ten_percent_of_the_side_and_keeps_a_flat_image_flat():
     np.testing.assert_allclose(out.numpy(), 0.7, atol=1e-6)  # reflect padding: no dark border
 
 
-@pytest.mark.parametrize('height,width,largest', [(32, 32, 1.0), (24, 40, 24 * 32 / 960)])
-def test_crop_areas_and_aspect_ratios(height, width, largest):
-    boxes = augment._sample_crops(height, width, N, tf.constant([7, 8])).numpy()
-    top, left, h, w = boxes.T
-    area = h * w / (height * width)
-    aspect = w / h
-    assert area.min() >= 0.08 and area.max() <= 1.0
-    assert area.min() < 0.1 and area.max() > 0.95 * largest  # the whole range is used
-    assert aspect.min() >= 3 / 4 and aspect.max() <= 4 / 3
+def _authors_crops(height: int, width: int, n: int, seed: int) -> np.ndarray:
+    """n boxes (top, left, height, width) from TF's own op with the authors' arguments."""
+    seeds = tf.random.experimental.stateless_split(tf.constant([seed, 0], tf.int64), n)
+
+    @tf.function
+    def draw(seeds):
+        def one(s):
+            begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+                [height, width, 3], tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), s,
+                min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3),
+                area_range=(0.08, 1.0), max_attempts=100, use_image_if_no_bounding_boxes=True)
+            return tf.concat([begin[:2], size[:2]], 0)
+        return tf.map_fn(one, seeds, fn_output_signature=tf.int32, parallel_iterations=64)
+    return draw(seeds).numpy()
+
+
+def _ks(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov distance."""
+    a, b = np.sort(a), np.sort(b)
+    x = np.concatenate([a, b])
+    return float(np.abs(np.searchsorted(a, x, 'right') / len(a)
+                        - np.searchsorted(b, x, 'right') / len(b)).max())
+
+
+def _crop_stats(boxes: np.ndarray, height: int, width: int) -> dict:
+    top, left, h, w = boxes.T.astype(np.float64)
+    return {'area': h * w / (height * width), 'aspect': w / h, 'top': top / height,
+            'left': left / width, 'whole': (h == height) & (w == width)}
+
+
+@pytest.mark.parametrize('height,width', [(32, 32), (375, 500), (2400, 1600), (100, 600)])
+def test_crops_are_drawn_as_the_authors_tf_op_draws_them(height, width):
+    n = 20000  # KS distance 0.02 is ~3 sigma at this size, ~2 at 10,000
+    ours = augment.sample_crops(height, width, n, tf.constant([7, 8])).numpy()
+    theirs = _authors_crops(height, width, n, seed=1)
+    top, left, h, w = ours.T
     assert (top >= 0).all() and (left >= 0).all()
     assert (top + h <= height).all() and (left + w <= width).all()
+    ours, theirs = _crop_stats(ours, height, width), _crop_stats(theirs, height, width)
+    for key in ('area', 'aspect', 'top', 'left'):
+        assert _ks(ours[key], theirs[key]) < 0.02, key
+    assert abs(ours['whole'].mean() - theirs['whole'].mean()) <= 0.01
+    # Crops under 10 % of the image are rejected (min_object_covered), not just under 8 %.
+    assert ours['area'][~ours['whole']].min() >= 0.1
 
 
-def test_crop_falls_back_to_a_centre_crop():
-    # 2 x 100: no box of area >= 8 % can have an aspect ratio <= 4/3.
-    boxes = augment._sample_crops(2, 100, 4, tf.constant([1, 1])).numpy()
-    np.testing.assert_array_equal(boxes, [[0, 48, 2, 3]] * 4)
+@pytest.mark.parametrize('height,width,whole', [(45, 600, 0.73), (20, 600, 1.0)])
+def test_crops_fall_back_to_the_whole_image_as_often_as_the_authors(height, width, whole):
+    # 45 x 600: only 45 x 60 crops fit both ranges, and few of 100 attempts find one;
+    # 20 x 600: none does.
+    n = 50000
+    ours = _crop_stats(augment.sample_crops(height, width, n, tf.constant([3, 4])).numpy(),
+                       height, width)['whole'].mean()
+    theirs = _crop_stats(_authors_crops(height, width, n, seed=2), height, width)['whole'].mean()
+    assert abs(ours - theirs) <= 0.01 and abs(ours - whole) <= 0.01, (ours, theirs)
 
 
 def test_crop_and_resize_is_tf_bicubic_resize_of_the_crop():
     images = tf.random.stateless_uniform([6, 20, 28, 3], [2, 3])
-    boxes = augment._sample_crops(20, 28, 6, tf.constant([4, 4]))
+    boxes = augment.sample_crops(20, 28, 6, tf.constant([4, 4]))
     out = augment.crop_and_resize(images, boxes, 24)
     for image, (t, l, h, w), o in zip(images, boxes.numpy(), out):
         ref = tf.image.resize(image[t:t + h, l:l + w], [24, 24], method='bicubic')
@@ -182,7 +227,7 @@ def test_the_list_order_is_the_order_of_application(image):
 
 def test_compiled_ops_compute_what_the_plain_ops_do():
     x = tf.random.stateless_uniform([8, 32, 32, 3], [1, 2])
-    boxes = augment._sample_crops(32, 32, 8, tf.constant([1, 1]))
+    boxes = augment.sample_crops(32, 32, 8, tf.constant([1, 1]))
     op = tf.constant([0, 1, 2, 3, 3, 2, 1, 0])
     p = [tf.random.stateless_uniform([8], [i, 0], 0.5, 1.5) for i in range(4)]
     params = (p[0], p[1] - 1, p[2], p[3], p[3] - 1)
