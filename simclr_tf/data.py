@@ -26,7 +26,7 @@ import functools
 import os
 import random
 import re
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import PIL.Image
@@ -191,8 +191,18 @@ class _FolderSource:
     def labels(self, split: str) -> np.ndarray:
         return np.asarray(self._select(split)[1], np.int64)
 
-    def read(self, split: str, num_shards: int, index: int) -> tuple[tf.data.Dataset, int]:
+    # Every epoch is a full permutation of the list (a shuffle buffer of the whole split).
+    full_shuffle = True
+
+    def read(self, split: str, num_shards: int, index: int, keep: Optional[np.ndarray] = None,
+             order: Optional[tf.Tensor] = None) -> tuple[tf.data.Dataset, int]:
+        """(path, label) of the split's examples where `keep` (a mask over the split), every
+        num_shards-th from `index` on. `order` plays no part: the caller permutes the list."""
+        del order
         paths, labels = self._select(split)
+        if keep is not None:
+            paths = [p for p, k in zip(paths, keep) if k]
+            labels = [y for y, k in zip(labels, keep) if k]
         paths, labels = paths[index::num_shards], labels[index::num_shards]
         return tf.data.Dataset.from_tensor_slices((paths, labels)), len(paths)
 
@@ -251,14 +261,62 @@ class _TfdsSource:
                                           decoders={self.image_key: tfds.decode.SkipDecoding()})
         return np.fromiter((int(x[self.label_key]) for x in tfds.as_numpy(dataset)), np.int64)
 
-    def read(self, split: str, num_shards: int, index: int) -> tuple[tf.data.Dataset, int]:
-        if num_shards > 1:  # exact even example ranges, so each pipeline knows its epoch length
+    # Too big to permute whole: each epoch reads the files in its own order, then a buffer.
+    full_shuffle = False
+
+    def read(self, split: str, num_shards: int, index: int, keep: Optional[np.ndarray] = None,
+             order: Optional[tf.Tensor] = None) -> tuple[tf.data.Dataset, int]:
+        """(encoded image, label) of the split's examples where `keep` (a mask over the split),
+        for input pipeline `index` of num_shards. With `order` (a stateless seed) the split's
+        files are read in that seed's random order, 16 at a time interleaved (TFDS's
+        shuffle_files, but seeded per epoch); without it in the split's order."""
+        if keep is None and num_shards > 1:  # exact even ranges: each pipeline knows its length
             split = tfds.even_splits(split, n=num_shards)[index]
-        dataset = self.builder.as_dataset(
-            split=split, as_supervised=True, shuffle_files=False,  # order comes from our shuffle
-            decoders={self.image_key: tfds.decode.SkipDecoding()},
-            read_config=tfds.ReadConfig(try_autocache=False))
-        return dataset, self.num_examples(split)
+        if keep is None:
+            n = self.num_examples(split)
+        else:  # shards by example index, whatever the files' order
+            n = int(np.sum(keep[index::num_shards]))
+        if self.builder.info.file_format != tfds.core.FileFormat.TFRECORD:
+            dataset = self.builder.as_dataset(
+                split=split, shuffle_files=False,
+                decoders={self.image_key: tfds.decode.SkipDecoding()},
+                read_config=tfds.ReadConfig(try_autocache=False))
+            dataset = dataset.enumerate().map(
+                lambda i, x: (i, x[self.image_key], x[self.label_key]))
+        else:
+            dataset = self._records(split, order)
+        if keep is not None:
+            mask = tf.constant(keep)
+            dataset = dataset.filter(lambda i, x, y: tf.gather(mask, i)
+                                     & (i % num_shards == index))
+        return dataset.map(lambda i, x, y: (x, y)), n
+
+    def _records(self, split: str, order: Optional[tf.Tensor]) -> tf.data.Dataset:
+        """(index in split, encoded image, label) read from the split's TFRecord files."""
+        files, skips, takes, firsts = [], [], [], []
+        for instruction in self.builder.info.splits[split].file_instructions:
+            files.append(instruction.filename)
+            skips.append(instruction.skip)
+            takes.append(instruction.take)
+            firsts.append(sum(takes[:-1]))
+        columns = (tf.constant(files), tf.constant(skips, tf.int64), tf.constant(takes, tf.int64),
+                   tf.constant(firsts, tf.int64))
+        if order is not None:
+            permutation = tf.argsort(tf.random.stateless_uniform([len(files)], order))
+            columns = tuple(tf.gather(c, permutation) for c in columns)
+        decoders = {self.image_key: tfds.decode.SkipDecoding()}
+
+        def parse(index, record):
+            example = self.builder.info.features.deserialize_example(record, decoders=decoders)
+            return index, example[self.image_key], example[self.label_key]
+
+        return tf.data.Dataset.from_tensor_slices(columns).interleave(
+            lambda f, skip, take, first: tf.data.TFRecordDataset(f).skip(skip).take(take)
+            .enumerate(first),
+            **(dict(cycle_length=1) if order is None else dict(
+                cycle_length=min(16, len(files)), num_parallel_calls=AUTOTUNE,
+                deterministic=True))
+        ).map(parse, num_parallel_calls=AUTOTUNE)
 
     def common_size(self, split: str) -> Optional[tuple[int, int]]:
         height, width = self._image_feature.shape[:2]
@@ -322,19 +380,16 @@ def _cached_subset(source, split: str, fraction: float, seed: int) -> np.ndarray
     return subset
 
 
-def _read_train(source, config: Config, pipelines: int, pipeline: int
-                ) -> tuple[tf.data.Dataset, int]:
+def _read_train(source, config: Config, pipelines: int, pipeline: int,
+                order: Optional[tf.Tensor] = None) -> tuple[tf.data.Dataset, int]:
     """train_split's (item, label) for one input pipeline, restricted to the label subset."""
     split = config.train_split
     subset = _label_subset(source, config, split)
-    if subset is None:
-        return source.read(split, pipelines, pipeline)
-    items, n = source.read(split, 1, 0)
-    keep = np.zeros([n], bool)
-    keep[subset] = True
-    items = (items.enumerate().filter(lambda i, item: tf.gather(keep, i))
-             .map(lambda i, item: item).shard(pipelines, pipeline))
-    return items, len(subset[pipeline::pipelines])
+    keep = None
+    if subset is not None:
+        keep = np.zeros([source.num_examples(split)], bool)
+        keep[subset] = True
+    return source.read(split, pipelines, pipeline, keep, order)
 
 
 # ---------------------------------------------------------------- public API
@@ -376,10 +431,12 @@ def build_dataset(config: Config, is_training: bool,
         pipelines = input_context.num_input_pipelines
         pipeline = input_context.input_pipeline_id
         replicas = input_context.num_replicas_in_sync
-    if is_training:
-        items, n = _read_train(source, config, pipelines, pipeline)
-    else:
-        items, n = source.read(split, pipelines, pipeline)
+    def read(order: Optional[tf.Tensor] = None) -> tuple[tf.data.Dataset, int]:
+        if is_training:
+            return _read_train(source, config, pipelines, pipeline, order)
+        return source.read(split, pipelines, pipeline, order=order)
+
+    items, n = read()
     if not n:
         raise DataError(f'split {split!r} of {source.description} has no examples for input '
                         f'pipeline {pipeline} of {pipelines}')
@@ -441,8 +498,11 @@ def build_dataset(config: Config, is_training: bool,
     if is_training:
         # One global step takes a per-replica batch for each replica this pipeline feeds.
         start = start_step * batch * max(replicas // pipelines, 1)
-        buffer = (50 if config.image_size <= 32 else 10) * batch
-        dataset = _shuffled_epochs(items, n, buffer, epoch_key, start)
+        if decoded or source.full_shuffle:  # in memory, or a list of files: permute it all
+            dataset = _shuffled_epochs(lambda order: items, n, n, epoch_key, start)
+        else:  # the files in a fresh order, then the authors' buffer
+            buffer = (50 if config.image_size <= 32 else 10) * batch
+            dataset = _shuffled_epochs(lambda order: read(order)[0], n, buffer, epoch_key, start)
     else:
         dataset = items.enumerate()
     if not (decoded and whole_batches):
@@ -451,10 +511,12 @@ def build_dataset(config: Config, is_training: bool,
     return dataset.map(per_batch, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
 
 
-def _shuffled_epochs(items: tf.data.Dataset, n: int, buffer: int, key: tf.Tensor, start: int
-                     ) -> tf.data.Dataset:
-    """(index, item) from element `start` on of endless epochs of n items, each epoch shuffled
-    with its own seed; only the current epoch is read through to get to `start`."""
+def _shuffled_epochs(items: Callable[[tf.Tensor], tf.data.Dataset], n: int, buffer: int,
+                     key: tf.Tensor, start: int) -> tf.data.Dataset:
+    """(index, item) from element `start` on of endless epochs of n items. Epoch e reads
+    `items(order seed of e)` through a shuffle buffer seeded by e: with buffer >= n a uniformly
+    random permutation of the items. Only the current epoch is read through to get to `start`,
+    and a resumed stream is the uninterrupted one from `start` on."""
     first_epoch, offset = divmod(start, n)
 
     def epoch(e: tf.Tensor) -> tf.data.Dataset:
@@ -463,7 +525,9 @@ def _shuffled_epochs(items: tf.data.Dataset, n: int, buffer: int, key: tf.Tensor
         # the order a function of config.seed alone.
         assert not tf.executing_eagerly()
         tf.compat.v1.set_random_seed(_GRAPH_SEED)
-        return items.shuffle(buffer, seed=tf.random.experimental.stateless_fold_in(key, e)[0])
+        shuffle_seed, order_seed = tf.unstack(tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in(key, e), 2))
+        return items(order_seed).shuffle(min(buffer, n), seed=shuffle_seed[0])
 
     return (tf.data.Dataset.range(first_epoch, _EPOCHS).flat_map(epoch)
             .skip(offset).enumerate(start))

@@ -73,6 +73,27 @@ def test_a_seed_fixes_the_stream_and_a_resumed_stream_continues_it(config):
     assert not np.allclose(other[0], stream[0])
 
 
+def _epochs(cfg: Config, n: int, start_step: int = 0, epochs: int = 2) -> list[list[bytes]]:
+    """The examples of whole epochs of n examples as the stream yields them (one view each,
+    made by the deterministic Sobel op, so equal bytes are the same example)."""
+    steps = epochs * n // B - start_step
+    rows = [row.tobytes() for batch in batches(data.build_dataset(cfg, True, start_step=start_step),
+                                               steps) for row in batch]
+    return [rows[k:k + n] for k in range(0, len(rows), n)]
+
+
+def test_every_epoch_is_a_fresh_permutation_of_a_folder_and_resumes_exactly(config):
+    cfg = config.replace(train_split='train[:4%]', augmentations='sobel')  # 40: 5 batches
+    first, second = _epochs(cfg, 40)
+    assert sorted(first) == sorted(second) and len(set(first)) == 40
+    assert first != second
+    # A full permutation, not a window: epoch 2's first batch comes from all over epoch 1.
+    positions = sorted(first.index(x) for x in second[:B])
+    assert positions[-1] - positions[0] > 2 * B
+    np.testing.assert_array_equal(_epochs(cfg, 40, start_step=3, epochs=2)[0][:B],
+                                  (first + second)[3 * B:4 * B])
+
+
 def test_two_replicas_partition_the_global_batch(config, two_replicas):
     global_batch = config.replace(train_batch_size=2 * B, eval_batch_size=2 * B,
                                   train_split='train[:20%]')
@@ -212,7 +233,8 @@ class TinyGreyImages(tfds.core.GeneratorBasedBuilder):
 
 
 def test_a_tfds_dataset(config, tmp_path):
-    TinyGreyImages(data_dir=str(tmp_path)).download_and_prepare()
+    TinyGreyImages(data_dir=str(tmp_path)).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(num_shards=4))
     cfg = config.replace(dataset='tiny_grey_images', data_dir=str(tmp_path), train_split='train')
     assert data.dataset_info(cfg) == data.DatasetInfo(3, 40, 10, ('p', 'q', 'r'))
     half = data.dataset_info(cfg.replace(train_split='train[:50%]'), need_eval=False)
@@ -227,6 +249,18 @@ def test_a_tfds_dataset(config, tmp_path):
     sizes = [int(x.shape[0]) for x, _ in data.build_dataset(cfg, False)]
     assert sizes == [8, 2]
     _assert_pipelines_split_the_examples(cfg, 10)
+    # Each epoch reads the 4 files in a fresh order, seeded: resumption sees the same batches.
+    ordered = cfg.replace(augmentations='sobel')
+    first, second = _epochs(ordered, 40)
+    assert sorted(first) == sorted(second) and len(set(first)) == 40 and first != second
+    resumed = [row.tobytes() for batch in batches(
+        data.build_dataset(ordered, True, start_step=6), 2) for row in batch]
+    assert resumed == second[8:24]
+    # The natural order (eval) is the split's, as TFDS reads it.
+    ours = [x.numpy().tobytes() for x, _ in data.examples(cfg, 'train')]
+    theirs = [np.repeat(x.numpy(), 3, axis=-1).tobytes() for x, _ in tfds.load(
+        'tiny_grey_images', data_dir=str(tmp_path), split='train', as_supervised=True)]
+    assert ours == theirs
 
 
 def _assert_pipelines_split_the_examples(cfg: Config, total: int):
