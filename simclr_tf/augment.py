@@ -184,14 +184,9 @@ def random_flip(images: tf.Tensor, seed: Seed) -> tf.Tensor:
 
 
 # ---------------------------------------------------------------- colour distortion
-def color_jitter(images: tf.Tensor, strength: float, seed: Seed,
-                 brightness: str = 'multiplicative', jit: bool = False) -> tf.Tensor:
-    """Brightness, contrast, saturation (0.8 s each) and hue (0.2 s) in a random order per
-    image, clipping to [0, 1] after each, as the authors do. Brightness is multiplicative
-    (SimCLRv2: x * U(1 - d, 1 + d)) or additive (v1: x + U(-d, d))."""
-    if strength <= 0:
-        return images
-    b = tf.shape(images)[0]
+def _jitter_params(b: tf.Tensor, strength: float, seed: Seed, brightness: str) -> tuple:
+    """Per image: the order of the four ops ([b, 4]: the op at each step, 0 brightness,
+    1 contrast, 2 saturation, 3 hue) and their parameters ([b] each)."""
     order_seed, b_seed, c_seed, s_seed, h_seed = _split(seed, 5)
     delta = 0.8 * strength
 
@@ -203,35 +198,111 @@ def color_jitter(images: tf.Tensor, strength: float, seed: Seed,
     else:
         bright_scale, bright_shift = tf.ones([b]), _uniform(b_seed, [b], -delta, delta)
     hue_delta = min(0.2 * strength, 0.5)
-    params = (bright_scale, bright_shift, factor(c_seed), factor(s_seed),
-              _uniform(h_seed, [b], -hue_delta, hue_delta))
-    # order[:, k]: the op at step k (0 brightness, 1 contrast, 2 saturation, 3 hue).
     order = tf.argsort(_uniform(order_seed, [b, 4]), axis=1, stable=True)
-    step = _compiled(_jitter_step, jit)  # one program, run four times
-    for k in range(4):
-        images = step(images, order[:, k], *params)
-    return images
+    return (order, bright_scale, bright_shift, factor(c_seed), factor(s_seed),
+            _uniform(h_seed, [b], -hue_delta, hue_delta))
+
+
+def color_jitter(images: tf.Tensor, strength: float, seed: Seed,
+                 brightness: str = 'multiplicative', jit: bool = False) -> tf.Tensor:
+    """Brightness, contrast, saturation (0.8 s each) and hue (0.2 s) in a random order per
+    image, clipping to [0, 1] after each, as the authors do. Brightness is multiplicative
+    (SimCLRv2: x * U(1 - d, 1 + d)) or additive (v1: x + U(-d, d))."""
+    if strength <= 0:
+        return images
+    b = tf.shape(images)[0]
+    params = _jitter_params(b, strength, seed, brightness)
+    on, off = tf.ones([b], tf.bool), tf.zeros([b], tf.bool)
+    return _color(images, on, off, *params, jit=jit)
+
+
+def _planes(images: tf.Tensor) -> list[tf.Tensor]:
+    return tf.unstack(images, axis=-1)
+
+
+def _saturate(rgb: list, factor: tf.Tensor) -> list:
+    """tf.image.adjust_saturation without the HSV round trip: with hue and value kept, each
+    channel moves along (value - channel) by the clipped saturation's ratio s' / s."""
+    value = tf.maximum(tf.maximum(rgb[0], rgb[1]), rgb[2])
+    chroma = value - tf.minimum(tf.minimum(rgb[0], rgb[1]), rgb[2])
+    ratio = tf.where(chroma > 0, tf.minimum(factor, value / tf.maximum(chroma, 1e-12)), 1.0)
+    return [value - (value - c) * ratio for c in rgb]
+
+
+def _shift_hue(rgb: list, delta: tf.Tensor) -> list:
+    """tf.image.adjust_hue in RGB: the hue as rgb_to_hsv computes it (in sixths of the
+    circle), shifted, and the channels rebuilt from (value, chroma, hue) as hsv_to_rgb does."""
+    r, g, b = rgb
+    value = tf.maximum(tf.maximum(r, g), b)
+    chroma = value - tf.minimum(tf.minimum(r, g), b)
+    inverse = 1.0 / tf.maximum(chroma, 1e-12)
+    sixth = tf.where(r == value, (g - b) * inverse,
+                     tf.where(g == value, (b - r) * inverse + 2.0, (r - g) * inverse + 4.0))
+    hue = sixth + 6.0 * delta  # in (-2.2, 7.2): wrapped by comparisons, not a modulo
+    hue = tf.where(hue < 0, hue + 6.0, tf.where(hue >= 6.0, hue - 6.0, hue))
+
+    def channel(n):
+        k = hue + n
+        k = tf.where(k >= 6.0, k - 6.0, k)
+        return value - chroma * tf.clip_by_value(tf.minimum(k, 4.0 - k), 0.0, 1.0)
+
+    return [channel(5.0), channel(3.0), channel(1.0)]
 
 
 def _jitter_step(images, op, bright_scale, bright_shift, contrast, saturation, hue):
-    """Applies to each image its op of this step. Brightness and contrast are both affine
-    (contrast: x * f + mean * (1 - f)), saturation and hue both rescale or turn one HSV
-    coordinate, so a step is one affine map and one HSV round trip with per-image parameters
-    (identity where the image's op is of the other kind), not four ops."""
-    mean = tf.reduce_mean(images, axis=[1, 2], keepdims=True)
-    scale = tf.where(op == 0, bright_scale, tf.where(op == 1, contrast, 1.0))
-    shift = _per_image(tf.where(op == 0, bright_shift, 0.0)) + tf.where(
-        _per_image(op == 1), mean * _per_image(1.0 - contrast), 0.0)
-    affine = images * _per_image(scale) + shift
-    h, s, v = tf.unstack(tf.image.rgb_to_hsv(images), axis=-1)
-    h = tf.math.floormod(h + _per_image(tf.where(op == 3, hue, 0.0))[..., 0], 1.0)
-    s = tf.clip_by_value(s * _per_image(tf.where(op == 2, saturation, 1.0))[..., 0], 0.0, 1.0)
-    hsv = tf.image.hsv_to_rgb(tf.stack([h, s, v], axis=-1))
-    return tf.clip_by_value(_select(op >= 2, hsv, affine), 0.0, 1.0)
+    """Applies to each image its op of this step (0 brightness, 1 contrast, 2 saturation,
+    3 hue) and clips. A batch computes the four ops and keeps each image's own (one program
+    for images with different orders); a single image computes only its own. The three colour
+    planes are handled apart, not as a channel axis: a compiled step then reads each pixel's
+    three values once instead of once per output channel."""
+    def brightness(x):
+        return [c * per(bright_scale) + per(bright_shift) for c in x]
+
+    def contrast_(x):
+        return [c * per(contrast) + tf.reduce_mean(c, axis=[1, 2], keepdims=True)
+                * (1.0 - per(contrast)) for c in x]
+
+    def per(v):
+        return v[:, None, None]
+
+    x = _planes(images)
+    ops = (brightness, contrast_, lambda x: _saturate(x, per(saturation)),
+           lambda x: _shift_hue(x, per(hue)))
+    if images.shape[0] == 1:
+        out = tf.switch_case(op[0], [lambda f=f: tf.stack(f(x), -1) for f in ops])
+    else:
+        candidates = [tf.stack(f(x), -1) for f in ops]
+        out = candidates[3]
+        for k in (2, 1, 0):
+            out = _select(op == k, candidates[k], out)
+    return tf.clip_by_value(out, 0.0, 1.0)
+
+
+def _color(images, jitter, gray, order, bright_scale, bright_shift, contrast, saturation, hue,
+           jit: bool = False):
+    """The colour distortion with drawn parameters: for each image its four jitter steps where
+    `jitter`, then grey where `gray`. Each step is one compiled program (run four times): in
+    one program XLA would recompute every step inside each consumer of its output."""
+    out = images
+    step = _compiled(_jitter_step, jit)
+    for k in range(4):
+        out = step(out, order[:, k], bright_scale, bright_shift, contrast, saturation, hue)
+    return _compiled(_select_then_gray, jit)(jitter, gray, out, images)
+
+
+def _select_then_gray(jitter: tf.Tensor, gray: tf.Tensor, jittered: tf.Tensor,
+                      images: tf.Tensor) -> tf.Tensor:
+    images = _select(jitter, jittered, images)
+    return _select(gray, to_grayscale(images), images)
+
+
+def _grey(rgb: list) -> tf.Tensor:
+    return 0.2989 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]  # tf.image.rgb_to_grayscale's
 
 
 def to_grayscale(images: tf.Tensor) -> tf.Tensor:
-    return tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(images))
+    grey = _grey(_planes(images))
+    return tf.stack([grey] * 3, axis=-1)
 
 
 def _color_coins(batch: tf.Tensor, seed: Seed) -> tuple[tf.Tensor, tf.Tensor, Seed]:
@@ -247,16 +318,10 @@ def random_color_distortion(images: tf.Tensor, config: Config, seed: Seed, jit: 
     no colour op at all, grey included, as the authors (their "no colour" ablations)."""
     if config.color_jitter_strength <= 0:
         return images
-    jitter, gray, jitter_seed = _color_coins(tf.shape(images)[0], seed)
-    jittered = color_jitter(images, config.color_jitter_strength, jitter_seed, config.brightness,
-                            jit)
-    return _compiled(_select_then_gray, jit)(jitter, gray, jittered, images)
-
-
-def _select_then_gray(jitter: tf.Tensor, gray: tf.Tensor, jittered: tf.Tensor,
-                      images: tf.Tensor) -> tf.Tensor:
-    images = _select(jitter, jittered, images)
-    return _select(gray, to_grayscale(images), images)
+    b = tf.shape(images)[0]
+    jitter, gray, jitter_seed = _color_coins(b, seed)
+    params = _jitter_params(b, config.color_jitter_strength, jitter_seed, config.brightness)
+    return _color(images, jitter, gray, *params, jit=jit)
 
 
 # ---------------------------------------------------------------- the ablation's other ops

@@ -228,12 +228,32 @@ def test_the_list_order_is_the_order_of_application(image):
 def test_compiled_ops_compute_what_the_plain_ops_do():
     x = tf.random.stateless_uniform([8, 32, 32, 3], [1, 2])
     boxes = augment.sample_crops(32, 32, 8, tf.constant([1, 1]))
-    op = tf.constant([0, 1, 2, 3, 3, 2, 1, 0])
+    order = tf.constant([[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1]] * 2)
     p = [tf.random.stateless_uniform([8], [i, 0], 0.5, 1.5) for i in range(4)]
-    params = (p[0], p[1] - 1, p[2], p[3], p[3] - 1)
+    coins = tf.constant([True, False] * 4), tf.constant([False, False, True, False] * 2)
+    params = coins + (order, p[0], p[1] - 1, p[2], p[3], p[3] - 1)
     for fn, args in ((lambda x, b: augment.crop_and_resize(x, b, 32), (x, boxes)),
-                     (augment._jitter_step, (x, op) + params)):
+                     (augment._jitter_step, (x, order[:, 0]) + params[3:]),
+                     (augment._jitter_step, (x[:1], order[:1, 2]) + params[3:])):
         np.testing.assert_allclose(augment._xla(fn)(*args), fn(*args), atol=2e-5)
+    np.testing.assert_allclose(augment._color(x, *params, jit=True), augment._color(x, *params),
+                               atol=2e-5)
+    # A single image's step (only its own op) is the batch's step for that image.
+    np.testing.assert_allclose(augment._jitter_step(x[2:3], order[2:3, 1],
+                                                    *[v[2:3] for v in params[3:]]),
+                               augment._jitter_step(x, order[:, 1], *params[3:])[2:3], atol=1e-6)
+
+
+def test_colour_ops_are_tfs_saturation_and_hue_kernels():
+    x = tf.concat([tf.random.stateless_uniform([6, 16, 16, 3], [4, 5]),
+                   tf.fill([1, 16, 16, 3], 0.5), tf.zeros([1, 16, 16, 3])], 0)
+    for factor in (0.2, 0.9, 1.7):
+        np.testing.assert_allclose(tf.stack(augment._saturate(augment._planes(x), factor), -1),
+                                   tf.image.adjust_saturation(x, factor), atol=2e-6)
+    for delta in (-0.2, -0.03, 0.1, 0.2):
+        np.testing.assert_allclose(tf.stack(augment._shift_hue(augment._planes(x),
+                                                               tf.constant(delta)), -1),
+                                   tf.image.adjust_hue(x, delta), atol=2e-6)
 
 
 def test_the_picture_command_writes_a_grid_of_pairs(sample_dir, tmp_path):
