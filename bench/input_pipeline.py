@@ -10,7 +10,7 @@ and in the same run the rate of plain JPEG decoding of the same files, as a refe
 Reads the image folder's train split with train_mode pretrain, colour strength 1.0, the
 default augmentations, seed 0 (cache_dataset unless --no-cache; with the cache, the first epoch,
 which decodes and fills it, is warm-up). Then it alternates timed windows of `--steps` batches
-of (a) the pretraining stream, (b) `tf.io.decode_jpeg` of the same files (tf.data, AUTOTUNE map,
+(each on a fresh iterator, after `--window_warmup` untimed ones) of (a) the pretraining stream, (b) `tf.io.decode_jpeg` of the same files (tf.data, AUTOTUNE map,
 nothing else; `decode_image` where a file is not a JPEG) and, with --authors_code, (c) the
 authors' augmentation (their `data_util.preprocess_image` twice per image, their
 shuffle / map / batch / prefetch, files read and decoded in place of TFDS), so machine load hits
@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument('--windows', type=int, default=5)
     parser.add_argument('--warmup_steps', type=int, default=0,
                         help='default: one epoch plus 20 batches with the cache, else 4')
+    parser.add_argument('--window_warmup', type=int, default=2,
+                        help='untimed batches at the start of every window')
     parser.add_argument('--authors_code', default=None,
                         help="the authors' tf2/ directory: also time their pipeline")
     args = parser.parse_args()
@@ -102,27 +104,34 @@ def main() -> None:
     info = data.dataset_info(config, need_eval=False)
     paths = [p.decode() for p, _ in data._source(args.data, None).read('train', 1, 0)[0]
              .as_numpy_iterator()]
-    streams = {'pipeline': iter(data.build_dataset(config, is_training=True))}
+    streams = {'pipeline': data.build_dataset(config, is_training=True)}
     reference, reference_name = decode_only(paths, args.batch)
-    streams['decode_only'] = iter(reference)
+    streams['decode_only'] = reference
     if args.authors_code:
-        streams['authors'] = iter(authors(args.authors_code, paths, args.batch,
-                                          args.image_size, args.color_jitter_strength))
+        streams['authors'] = authors(args.authors_code, paths, args.batch, args.image_size,
+                                     args.color_jitter_strength)
+    # A fresh iterator for every window, dropped after it: a stream left waiting would fill
+    # its buffers while another is timed.
     warmup = args.warmup_steps or (info.num_train_examples // args.batch + 20 if args.cache
                                    else 4)
     start = time.perf_counter()
-    for name, stream in streams.items():
-        for _ in range(warmup if name == 'pipeline' else 4):
-            next(stream)
+    iterator = iter(streams['pipeline'])  # compiles, and fills the cache
+    for _ in range(warmup):
+        next(iterator)
+    del iterator
     warmup_s = time.perf_counter() - start
     rates = {name: [] for name in streams}
     cpu = {name: [] for name in streams}
     for _ in range(args.windows):
         for name, stream in streams.items():
+            iterator = iter(stream)
+            for _ in range(args.window_warmup):
+                next(iterator)
             start, used = time.perf_counter(), _cpu_s()
             for _ in range(args.steps):
-                out = next(stream)
+                out = next(iterator)
             wall = time.perf_counter() - start
+            del iterator
             rates[name].append(args.steps * args.batch / wall)
             cpu[name].append((_cpu_s() - used) / wall)
             if name == 'pipeline':

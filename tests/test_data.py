@@ -190,18 +190,20 @@ def test_grey_rgba_and_odd_sizes_are_converted(config, tmp_path, jpeg, monkeypat
         Image.fromarray(rgb).convert('L').save(root / split / 'x' / 'grey.png')
         Image.fromarray(rgb).convert('RGBA').save(root / split / 'x' / 'rgba.png')
         Image.fromarray(rgb).resize((45, 27)).save(root / split / 'y' / 'odd.jpg')
+        Image.fromarray(rgb).resize((40, 30)).convert('CMYK').save(root / split / 'y' / 'cmyk.jpg')
+        Image.fromarray(rgb).resize((36, 48)).convert('L').save(root / split / 'x' / 'grey.jpg')
         Image.fromarray(rgb).save(root / split / 'y' / 'rgb.jpg')
     cfg = config.replace(dataset=str(root))
     for training in (True, False):
         images, _ = next(iter(data.build_dataset(cfg, training)))
-        assert images.shape == ((B, 32, 32, 6) if training else (4, 32, 32, 3))
+        assert images.shape == ((B, 32, 32, 6) if training else (6, 32, 32, 3))
     grey = next(iter(data.examples(cfg, 'test')))  # decoded as RGB
     assert grey[0].shape[-1] == 3
     # A folder taken for one size (from a sample of headers) resizes a stray odd image.
     monkeypatch.setattr(data, '_SIZE_SAMPLE', 1)
     data._source.cache_clear()
     images, _ = next(iter(data.build_dataset(cfg.replace(cache_dataset=True), False)))
-    assert images.shape == (4, 32, 32, 3)  # the split's 4 images
+    assert images.shape == (6, 32, 32, 3)  # the split's 6 images
 
 
 def test_tfds_errors(config, tmp_path):
@@ -281,3 +283,30 @@ def test_a_quarter_turn_before_the_crop_of_non_square_images(config, tmp_path, j
     cfg = config.replace(dataset=root, augmentations='rotate,crop,color')
     images, _ = next(iter(data.build_dataset(cfg, True)))
     assert images.shape == (B, 32, 32, 6)
+
+
+@pytest.mark.parametrize('boxes', [[[10, 20, 40, 50], [30, 5, 20, 60]],  # window < half: cut
+                                   [[0, 0, 120, 150], [100, 100, 80, 90]]])  # whole decode
+def test_crops_decoded_from_a_jpeg_window_are_the_crops_of_the_whole_image(jpeg, tmp_path,
+                                                                            boxes):
+    path = tmp_path / 'big.jpg'
+    Image.open(jpeg).resize((200, 180)).save(path, quality=95)
+    encoded = tf.io.read_file(str(path))
+    whole = data.decode_image(encoded).numpy().astype(int)
+    asked = []
+
+    def draw(height, width):
+        asked.append((int(height), int(width)))
+        return tf.constant(boxes)
+
+    pixels, shifted = data.decode_crops(encoded, draw)
+    assert asked == [(180, 200)]  # from the header
+    for (t, l, h, w), (t2, l2, h2, w2) in zip(boxes, shifted.numpy()):
+        assert (h2, w2) == (h, w)
+        cut = pixels.numpy()[t2:t2 + h, l2:l2 + w].astype(int)
+        assert np.abs(cut - whole[t:t + h, l:l + w]).max() <= 3  # libjpeg's edge upsampling
+    png = tmp_path / 'big.png'
+    Image.open(path).save(png)
+    pixels, same = data.decode_crops(tf.io.read_file(str(png)), draw)
+    np.testing.assert_array_equal(same, boxes)
+    assert pixels.shape == (180, 200, 3)
