@@ -293,13 +293,24 @@ def _jitter_step(images, op, bright_scale, bright_shift, contrast, saturation, h
 def _color(images, jitter, gray, order, bright_scale, bright_shift, contrast, saturation, hue,
            jit: bool = False):
     """The colour distortion with drawn parameters: for each image its four jitter steps where
-    `jitter`, then grey where `gray`. Each step is one compiled program (run four times): in
-    one program XLA would recompute every step inside each consumer of its output."""
+    `jitter`, then grey where `gray`. For a batch each step is one compiled program (run four
+    times): in one program XLA would recompute every step inside each consumer of its output.
+    A single image's steps are conditionals, whose outputs XLA keeps: one program for all."""
+    params = (order, bright_scale, bright_shift, contrast, saturation, hue)
+    if images.shape[0] == 1:
+        return _compiled(_color_steps, jit)(images, jitter, gray, *params)
     out = images
     step = _compiled(_jitter_step, jit)
     for k in range(4):
-        out = step(out, order[:, k], bright_scale, bright_shift, contrast, saturation, hue)
+        out = step(out, order[:, k], *params[1:])
     return _compiled(_select_then_gray, jit)(jitter, gray, out, images)
+
+
+def _color_steps(images, jitter, gray, order, *params):
+    out = images
+    for k in range(4):
+        out = _jitter_step(out, order[:, k], *params)
+    return _select_then_gray(jitter, gray, out, images)
 
 
 def _select_then_gray(jitter: tf.Tensor, gray: tf.Tensor, jittered: tf.Tensor,

@@ -238,6 +238,9 @@ def test_compiled_ops_compute_what_the_plain_ops_do():
         np.testing.assert_allclose(augment._xla(fn)(*args), fn(*args), atol=2e-5)
     np.testing.assert_allclose(augment._color(x, *params, jit=True), augment._color(x, *params),
                                atol=2e-5)
+    # One image (one program of conditionals) is coloured as it is in the batch.
+    np.testing.assert_allclose(augment._color(x[2:3], *[v[2:3] for v in params], jit=True),
+                               augment._color(x, *params)[2:3], atol=2e-5)
     # A single image's step (only its own op) is the batch's step for that image.
     np.testing.assert_allclose(augment._jitter_step(x[2:3], order[2:3, 1],
                                                     *[v[2:3] for v in params[3:]]),
