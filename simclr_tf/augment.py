@@ -160,10 +160,15 @@ def crop_and_resize(images: tf.Tensor, boxes: tf.Tensor, size: int) -> tf.Tensor
     return tf.einsum('bsxtc,bxt->bsxc', x, col_w)
 
 
-def resized_crop(image: tf.Tensor, box: tf.Tensor, size: int) -> tf.Tensor:
+def resized_crop(image: tf.Tensor, box: tf.Tensor, size: int,
+                 flip: Optional[tf.Tensor] = None) -> tf.Tensor:
     """The box (top, left, height, width) of one image [H, W, 3] (uint8 or float in [0, 1]),
-    resized to size x size with tf.image.resize's bicubic (the authors' resize): float32."""
+    resized to size x size with tf.image.resize's bicubic (the authors' resize): float32.
+    With `flip` (a bool) mirrored first where true: the same as mirroring the resized crop (the
+    resize is symmetric), on the smaller uint8 window."""
     window = tf.slice(image, tf.stack([box[0], box[1], 0]), tf.stack([box[2], box[3], 3]))
+    if flip is not None:
+        window = tf.cond(flip, lambda: tf.reverse(window, [1]), lambda: window)
     out = tf.image.resize(window, [size, size], method='bicubic')
     return out / 255.0 if image.dtype == tf.uint8 else out
 
@@ -190,9 +195,13 @@ def center_crop_resize(images: tf.Tensor, size: int) -> tf.Tensor:
                    lambda: tf.identity(images), lambda: crop_and_resize(images, boxes, size))
 
 
+def flip_coins(n, seed: Seed) -> tf.Tensor:
+    """[n] bools: which images random_flip with this seed mirrors."""
+    return _uniform(seed, [n]) < FLIP_P
+
+
 def random_flip(images: tf.Tensor, seed: Seed) -> tf.Tensor:
-    return _select(_uniform(seed, [tf.shape(images)[0]]) < FLIP_P, tf.reverse(images, [2]),
-                   images)
+    return _select(flip_coins(tf.shape(images)[0], seed), tf.reverse(images, [2]), images)
 
 
 # ---------------------------------------------------------------- colour distortion

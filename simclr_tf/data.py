@@ -536,12 +536,16 @@ def build_dataset(config: Config, is_training: bool,
             crop_seed = augment.op_seeds(seeds[0])['crop']  # all views' boxes in one draw
             pixels, boxes = decode_crops(source.encoded(x), lambda h, w: augment.sample_crops(
                 h, w, num_views, crop_seed))
-            views = [augment.resized_crop(pixels, boxes[v], config.image_size)
+            # A flip right after the crop is done on the uint8 window, before the resize.
+            flips = [augment.flip_coins(1, augment.op_seeds(seeds[v])['flip'])[0]
+                     if tail[:1] == ('flip',) else None for v in range(num_views)]
+            views = [augment.resized_crop(pixels, boxes[v], config.image_size, flips[v])
                      for v in range(num_views)]
         else:
             image = x if decoded else decode(x)
             views = [augment.view(image, head, config, seeds[v]) for v in range(num_views)]
-        views = [augment.view(tf.clip_by_value(views[v], 0.0, 1.0)[None], tail, config,
+        rest = tail[1:] if fast_crop and tail[:1] == ('flip',) else tail
+        views = [augment.view(tf.clip_by_value(views[v], 0.0, 1.0)[None], rest, config,
                               seeds[v], fit=False, jit=True)[0] for v in range(num_views)]
         return index, (tf.concat(views, axis=-1), label)
 

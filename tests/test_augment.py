@@ -265,3 +265,12 @@ def test_the_picture_command_writes_a_grid_of_pairs(sample_dir, tmp_path):
                    '--scale', '1'])
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 * 34 + 4, 2 * 3 * 34 + 4, 3)  # 2 x 2 cells of 3 padded images
+
+
+def test_a_crop_mirrored_before_the_resize_is_the_resized_crop_mirrored():
+    image = tf.cast(tf.random.stateless_uniform([40, 50, 3], [6, 6], 0, 256, tf.int32), tf.uint8)
+    box = tf.constant([3, 7, 30, 33])
+    plain = augment.resized_crop(image, box, 24)
+    np.testing.assert_allclose(augment.resized_crop(image, box, 24, tf.constant(True)),
+                               plain[:, ::-1], atol=1e-4)
+    np.testing.assert_array_equal(augment.resized_crop(image, box, 24, tf.constant(False)), plain)
