@@ -526,6 +526,9 @@ def build_dataset(config: Config, is_training: bool,
     fast_crop = (not decoded and head == ('crop',) and is_training
                  and source.stores_files)
 
+    # The ~100 small ops of the crop draw as one compiled program (same distribution).
+    draw = tf.function(augment.sample_crops, jit_compile=True, autograph=False)
+
     def per_image(index, item):
         x, label = item
         if whole_batches:
@@ -534,7 +537,7 @@ def build_dataset(config: Config, is_training: bool,
             tf.random.experimental.stateless_fold_in(element_key, index), num_views)
         if fast_crop:
             crop_seed = augment.op_seeds(seeds[0])['crop']  # all views' boxes in one draw
-            pixels, boxes = decode_crops(source.encoded(x), lambda h, w: augment.sample_crops(
+            pixels, boxes = decode_crops(source.encoded(x), lambda h, w: draw(
                 h, w, num_views, crop_seed))
             # A flip right after the crop is done on the uint8 window, before the resize.
             flips = [augment.flip_coins(1, augment.op_seeds(seeds[v])['flip'])[0]

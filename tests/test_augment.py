@@ -274,3 +274,16 @@ def test_a_crop_mirrored_before_the_resize_is_the_resized_crop_mirrored():
     np.testing.assert_allclose(augment.resized_crop(image, box, 24, tf.constant(True)),
                                plain[:, ::-1], atol=1e-4)
     np.testing.assert_array_equal(augment.resized_crop(image, box, 24, tf.constant(False)), plain)
+
+
+def test_single_compiled_crop_draws_as_the_authors_tf_op():
+    # The input pipeline draws each image's boxes with the XLA-compiled sampler, one call each.
+    n = 20000
+    draw = tf.function(augment.sample_crops, jit_compile=True, autograph=False)
+    seeds = tf.random.experimental.stateless_split(tf.constant([9, 0], tf.int64), n)
+    ours = tf.function(lambda s: tf.map_fn(lambda x: draw(375, 500, 1, x)[0], s,
+                                           fn_output_signature=tf.int32))(seeds).numpy()
+    ours = _crop_stats(ours, 375, 500)
+    theirs = _crop_stats(_authors_crops(375, 500, n, seed=3), 375, 500)
+    for key in ('area', 'aspect', 'top', 'left'):
+        assert _ks(ours[key], theirs[key]) < 0.02, key
