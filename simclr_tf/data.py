@@ -5,7 +5,9 @@ channel axis ([b, S, S, 6]), as the authors do; labels are one-hot. Blur is appl
 training loop on whole batches (`augment.batch_random_blur`).
 
 Reproducibility: the training stream is a function of (config.seed, element index). Each epoch
-is shuffled with a seed derived from (seed, input pipeline, epoch), and the views are drawn by
+is shuffled with a seed derived from (seed, input pipeline, epoch) — an image folder's list or a
+cached set permuted whole, a TFDS split's files read in that epoch's own random order before a
+shuffle buffer — and the views are drawn by
 stateless ops seeded from (seed, input pipeline, index of the batch's first element; for images
 of mixed sizes also of each image's own index), so a run resumed at `start_step` yields exactly
 the batches an uninterrupted run would (only the current epoch is skipped through, never the
