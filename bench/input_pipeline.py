@@ -10,9 +10,9 @@ and in the same run the rate of plain JPEG decoding of the same files, as a refe
 Reads the image folder's train split with train_mode pretrain, colour strength 1.0, the
 default augmentations, seed 0 (cache_dataset unless --no-cache; with the cache, the first epoch,
 which decodes and fills it, is warm-up). Then it alternates timed windows of `--steps` batches
-(each on a fresh iterator, after `--window_warmup` untimed ones) of (a) the pretraining stream, (b) `tf.io.decode_jpeg` of the same files (tf.data, AUTOTUNE map,
-nothing else; `decode_image` where a file is not a JPEG) and, with --authors_code, (c) the
-authors' augmentation (their `data_util.preprocess_image` twice per image, their
+(each on a fresh iterator, after `--window_warmup` untimed ones) of (a) the pretraining stream,
+(b) `tf.io.decode_jpeg` of the same files (tf.data, AUTOTUNE map, nothing else; `decode_image`
+where a file is not a JPEG) and, with --authors_code, (c) the authors' augmentation (their `data_util.preprocess_image` twice per image, their
 shuffle / map / batch / prefetch, files read and decoded in place of TFDS), so machine load hits
 all alike. Prints one JSON line: best and median images/s of each, the medians' ratios, the
 process's CPU time per wall second, the command.
@@ -37,14 +37,20 @@ from simclr_tf import data  # noqa: E402
 from simclr_tf.config import Config  # noqa: E402
 
 
-def decode_only(paths: list, batch: int) -> tf.data.Dataset:
+def decode_only(paths: list, batch: int) -> tuple[tf.data.Dataset, str]:
     """Each file read and decoded to uint8 RGB, nothing else; batches of their shapes."""
-    jpeg = all(open(p, 'rb').read(3) == b'\xff\xd8\xff' for p in paths)
+    jpeg = all(_head(p) == b'\xff\xd8\xff' for p in paths)
     decode = ((lambda b: tf.io.decode_jpeg(b, channels=3)) if jpeg else
               (lambda b: tf.io.decode_image(b, channels=3, expand_animations=False)))
     return (tf.data.Dataset.from_tensor_slices(paths).repeat()
-            .map(lambda p: tf.shape(decode(tf.io.read_file(p))), num_parallel_calls=tf.data.AUTOTUNE)
+            .map(lambda p: tf.shape(decode(tf.io.read_file(p))),
+                 num_parallel_calls=tf.data.AUTOTUNE)
             .batch(batch).prefetch(tf.data.AUTOTUNE)), 'decode_jpeg' if jpeg else 'decode_image'
+
+
+def _head(path: str) -> bytes:
+    with open(path, 'rb') as f:
+        return f.read(3)
 
 
 def authors(code_dir: str, paths: list, batch: int, size: int, strength: float
