@@ -15,7 +15,8 @@ which decodes and fills it, is warm-up). Then it alternates timed windows of `--
 where a file is not a JPEG) and, with --authors_code, (c) the authors' augmentation (their
 `data_util.preprocess_image` twice per image, their shuffle / map / batch / prefetch, files
 read and decoded in place of TFDS), so machine load hits all alike. Prints one JSON line: best
-and median images/s of each, the medians' ratios, the process's CPU time per wall second, the command.
+and median images/s of each, the medians' ratios, the process's CPU time per wall second, the
+command.
 """
 
 import argparse
