@@ -1,16 +1,28 @@
-"""Input-pipeline throughput: source images/s (two augmented views each) of the pretraining stream.
+"""Input-pipeline throughput: source images/s (two augmented views each) of the pretraining stream,
+and in the same run the rate of plain JPEG decoding of the same files, as a reference.
 
-    python bench/input_pipeline.py --data=/tmp/cifar10 \
+    python bench/input_pipeline.py --data=/tmp/cifar10 \\
         [--extract=../shared/data/cifar10-jpg.tar.gz] [--batch=256] [--windows=5]
+    python bench/input_pipeline.py --data=/tmp/imagenet_sample --no-cache --image_size=224 \\
+        --batch=64 --steps=8 [--extract=../shared/data/imagenet-sample-250.tar.gz] \\
+        [--authors_code=/work/authors_simclr/tf2]
 
-Reads the CIFAR-10 image folder with cache_dataset, image_size 32 and train_mode pretrain; the
-first epoch (which decodes and fills the cache) is warm-up. Then it times `--windows` windows of
-`--steps` batches and prints one JSON line with the best and median images/s and the command.
+Reads the image folder's train split with train_mode pretrain, colour strength 1.0, the
+default augmentations, seed 0 (cache_dataset unless --no-cache; with the cache, the first epoch,
+which decodes and fills it, is warm-up). Then it alternates timed windows of `--steps` batches
+(each on a fresh iterator, after `--window_warmup` untimed ones) of (a) the pretraining stream,
+(b) `tf.io.decode_jpeg` of the same files (tf.data, AUTOTUNE map, nothing else; `decode_image`
+where a file is not a JPEG) and, with --authors_code, (c) the authors' augmentation (their
+`data_util.preprocess_image` twice per image, their shuffle / map / batch / prefetch, files
+read and decoded in place of TFDS), so machine load hits all alike. Prints one JSON line: best
+and median images/s of each, the medians' ratios, the process's CPU time per wall second, the
+command.
 """
 
 import argparse
 import json
 import os
+import resource
 import shlex
 import statistics
 import sys
@@ -20,8 +32,48 @@ import time
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import tensorflow as tf  # noqa: E402
+
 from simclr_tf import data  # noqa: E402
 from simclr_tf.config import Config  # noqa: E402
+
+
+def decode_only(paths: list, batch: int) -> tuple[tf.data.Dataset, str]:
+    """Each file read and decoded to uint8 RGB, nothing else; batches of their shapes."""
+    jpeg = all(_head(p) == b'\xff\xd8\xff' for p in paths)
+    decode = ((lambda b: tf.io.decode_jpeg(b, channels=3)) if jpeg else
+              (lambda b: tf.io.decode_image(b, channels=3, expand_animations=False)))
+    return (tf.data.Dataset.from_tensor_slices(paths).repeat()
+            .map(lambda p: tf.shape(decode(tf.io.read_file(p))),
+                 num_parallel_calls=tf.data.AUTOTUNE)
+            .batch(batch).prefetch(tf.data.AUTOTUNE)), 'decode_jpeg' if jpeg else 'decode_image'
+
+
+def _head(path: str) -> bytes:
+    with open(path, 'rb') as f:
+        return f.read(3)
+
+
+def authors(code_dir: str, paths: list, batch: int, size: int, strength: float
+            ) -> tf.data.Dataset:
+    """The authors' pretraining input (tf2/data.py's build_input_fn) on files instead of TFDS."""
+    sys.path.insert(0, code_dir)
+    import data_util  # the authors' module, imported from their tree at run time
+
+    def map_fn(image):
+        return tf.concat([data_util.preprocess_image(image, size, size, is_training=True,
+                                                     color_jitter_strength=strength)
+                          for _ in range(2)], -1)
+
+    options = tf.data.Options()
+    options.deterministic = False
+    options.experimental_slack = True
+    decode = (lambda p: tf.io.decode_image(tf.io.read_file(p), channels=3,
+                                           expand_animations=False))
+    return (tf.data.Dataset.from_tensor_slices(paths).map(decode, tf.data.AUTOTUNE)
+            .with_options(options).shuffle(batch * (50 if size <= 32 else 10)).repeat(-1)
+            .map(map_fn, tf.data.AUTOTUNE).batch(batch, drop_remainder=True)
+            .prefetch(tf.data.AUTOTUNE))
 
 
 def main() -> None:
@@ -31,39 +83,89 @@ def main() -> None:
                         help='tar.gz to extract into --data first, if --data does not exist')
     parser.add_argument('--batch', type=int, default=256)
     parser.add_argument('--image_size', type=int, default=32)
+    parser.add_argument('--no-cache', dest='cache', action='store_false',
+                        help='decode every epoch (cache_dataset=False)')
+    parser.add_argument('--color_jitter_strength', type=float, default=1.0)
     parser.add_argument('--steps', type=int, default=100, help='batches per timed window')
     parser.add_argument('--windows', type=int, default=5)
     parser.add_argument('--warmup_steps', type=int, default=0,
-                        help='default: one epoch plus 20 batches (fills the cache)')
+                        help='default: one epoch plus 20 batches with the cache, else 4')
+    parser.add_argument('--window_warmup', type=int, default=2,
+                        help='untimed batches at the start of every window')
+    parser.add_argument('--authors_code', default=None,
+                        help="the authors' tf2/ directory: also time their pipeline")
     args = parser.parse_args()
 
     if args.extract and not os.path.isdir(args.data):
         os.makedirs(args.data)
         with tarfile.open(args.extract) as tar:
             tar.extractall(args.data, filter='data')
-    config = Config(dataset=args.data, train_split='train', cache_dataset=True,
+        # The sample's archive may hold one top folder: use the folder with the splits.
+        entries = os.listdir(args.data)
+        if len(entries) == 1 and os.path.isdir(os.path.join(args.data, entries[0], 'train')):
+            args.data = os.path.join(args.data, entries[0])
+    config = Config(dataset=args.data, train_split='train', cache_dataset=args.cache,
                     image_size=args.image_size, train_batch_size=args.batch,
+                    color_jitter_strength=args.color_jitter_strength,
                     train_mode='pretrain', seed=0, use_tpu=False).validate()
     info = data.dataset_info(config, need_eval=False)
-    iterator = iter(data.build_dataset(config, is_training=True))
-    warmup = args.warmup_steps or info.num_train_examples // args.batch + 20
+    paths = [p.decode() for p, _ in data._source(args.data, None).read('train', 1, 0)[0]
+             .as_numpy_iterator()]
+    streams = {'pipeline': data.build_dataset(config, is_training=True)}
+    reference, reference_name = decode_only(paths, args.batch)
+    streams['decode_only'] = reference
+    if args.authors_code:
+        streams['authors'] = authors(args.authors_code, paths, args.batch, args.image_size,
+                                     args.color_jitter_strength)
+    # A fresh iterator for every window, dropped after it: a stream left waiting would fill
+    # its buffers while another is timed.
+    warmup = args.warmup_steps or (info.num_train_examples // args.batch + 20 if args.cache
+                                   else 4)
     start = time.perf_counter()
+    iterator = iter(streams['pipeline'])  # compiles, and fills the cache
     for _ in range(warmup):
         next(iterator)
+    del iterator
     warmup_s = time.perf_counter() - start
-    rates = []
+    rates = {name: [] for name in streams}
+    cpu = {name: [] for name in streams}
     for _ in range(args.windows):
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            images, _ = next(iterator)
-        rates.append(args.steps * args.batch / (time.perf_counter() - start))
+        for name, stream in streams.items():
+            iterator = iter(stream)
+            for _ in range(args.window_warmup):
+                next(iterator)
+            start, used = time.perf_counter(), _cpu_s()
+            for _ in range(args.steps):
+                out = next(iterator)
+            wall = time.perf_counter() - start
+            del iterator
+            rates[name].append(args.steps * args.batch / wall)
+            cpu[name].append((_cpu_s() - used) / wall)
+            if name == 'pipeline':
+                shape = out[0].shape.as_list()
+    median = {name: statistics.median(r) for name, r in rates.items()}
     print(json.dumps({
         'metric': 'source_images_per_s (two views each)',
-        'best': round(max(rates)), 'median': round(statistics.median(rates)),
-        'windows': [round(r) for r in rates], 'batch_shape': images.shape.as_list(),
+        'best': round(max(rates['pipeline'])), 'median': round(median['pipeline']),
+        'windows': [round(r) for r in rates['pipeline']], 'batch_shape': shape,
+        'reference': reference_name,
+        'decode_only': {'best': round(max(rates['decode_only'])),
+                        'median': round(median['decode_only'])},
+        'ratio_to_decode_only': round(median['pipeline'] / median['decode_only'], 3),
+        **({'authors': {'best': round(max(rates['authors'])), 'median': round(median['authors'])},
+            'ratio_to_authors': round(median['pipeline'] / median['authors'], 2),
+            'authors_ratio_to_decode_only': round(median['authors'] / median['decode_only'], 3)}
+           if 'authors' in rates else {}),
+        'cpu_per_wall_s': {name: round(statistics.median(c), 2) for name, c in cpu.items()},
+        'cache': args.cache, 'image_size': args.image_size,
         'warmup_s': round(warmup_s, 1), 'train_examples': info.num_train_examples,
-        'cpus': os.cpu_count(),
+        'cpus': os.cpu_count(), 'load_avg_1min': round(os.getloadavg()[0], 2),
         'command': shlex.join(['python'] + sys.argv)}))
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 if __name__ == '__main__':

@@ -25,6 +25,7 @@ from simclr_tf.config import Config
 CROP_AREA = (0.08, 1.0)
 CROP_ASPECT = (3 / 4, 4 / 3)  # width / height
 CROP_ATTEMPTS = 100
+CROP_MIN_COVERED = 0.1  # of the whole image: the authors' min_object_covered
 EVAL_CROP_PROPORTION = 0.875
 JITTER_P, GRAYSCALE_P, BLUR_P, FLIP_P = 0.8, 0.2, 0.5, 0.5
 BLUR_SIGMA = (0.1, 2.0)
@@ -69,30 +70,58 @@ def to_float(image: tf.Tensor) -> tf.Tensor:
 
 
 # ---------------------------------------------------------------- crop and resize
-def _sample_crops(height: tf.Tensor, width: tf.Tensor, batch: tf.Tensor, seed: Seed
-                  ) -> tf.Tensor:
-    """[b, 4] boxes (top, left, height, width) of random crops: area U(0.08, 1) of the image,
-    aspect ratio U(3/4, 4/3). 100 attempts per image are drawn at once; the first whose integer
-    box fits and still meets both ranges wins, else a centre crop of the image's clamped
-    aspect ratio."""
-    area_seed, aspect_seed, offset_seed = _split(seed, 3)
-    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-    area = _uniform(area_seed, [batch, CROP_ATTEMPTS], *CROP_AREA) * h * w
-    aspect = _uniform(aspect_seed, [batch, CROP_ATTEMPTS], *CROP_ASPECT)
-    cw = tf.round(tf.sqrt(area * aspect))
-    ch = tf.round(tf.sqrt(area / aspect))
-    ok = ((cw >= 1) & (ch >= 1) & (cw <= w) & (ch <= h) & (cw * ch >= CROP_AREA[0] * h * w)
-          & (cw >= CROP_ASPECT[0] * ch) & (cw <= CROP_ASPECT[1] * ch))
+def _round(x: tf.Tensor) -> tf.Tensor:
+    return tf.round(x)  # half to even, as C's lrintf
+
+
+def sample_crops(height, width, n, seed: Seed) -> tf.Tensor:
+    """[n, 4] boxes (top, left, height, width) of random crops of an image of height x width,
+    drawn as the authors draw them: TensorFlow's `sample_distorted_bounding_box` with area range
+    (0.08, 1), aspect ratio (width / height) range (3/4, 4/3), min_object_covered 0.1 of the
+    whole image, 100 attempts, the whole image if none succeeds.
+
+    Each attempt (all drawn at once) follows the op's kernel: aspect ratio a ~ U(3/4, 4/3); the
+    crop height uniform over the integers between round(sqrt(min_area / a)) and
+    round(sqrt(max_area / a)) (capped so round(height * a) fits the width and height fits the
+    height); width round(height * a); one step up or down if rounding left the area range;
+    rejected if outside the ranges or under 10 % of the image. The offsets are uniform over
+    [0, H - h) and [0, W - w), as the kernel's (never touching the far edge unless the crop
+    spans the image). Seeded: the boxes are a pure function of (height, width, n, seed)."""
+    aspect_seed, height_seed, offset_seed = _split(seed, 3)
+    big_h, big_w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    min_area = CROP_AREA[0] * big_w * big_h  # float32, the kernel's order of operations
+    max_area = CROP_AREA[1] * big_w * big_h
+    aspect = _uniform(aspect_seed, [n, CROP_ATTEMPTS], *CROP_ASPECT)
+    low = _round(tf.sqrt(min_area / aspect))
+    high = _round(tf.sqrt(max_area / aspect))
+    # The largest height whose rounded width fits (the kernel computes this one in double).
+    fit = tf.cast(tf.floor((tf.cast(width, tf.float64) + 0.5 - 1e-7) / tf.cast(aspect, tf.float64)),
+                  tf.float32)
+    fit = tf.where(_round(fit * aspect) > big_w, fit - 1, fit)
+    high = tf.minimum(tf.where(_round(high * aspect) > big_w, fit, high), big_h)
+    low = tf.minimum(low, high)
+    span = high - low + 1
+    crop_h = low + tf.minimum(tf.floor(_uniform(height_seed, [n, CROP_ATTEMPTS]) * span), span - 1)
+    crop_w = _round(crop_h * aspect)
+    area = crop_w * crop_h
+    grow = area < min_area
+    crop_h = tf.where(grow, crop_h + 1, crop_h)
+    crop_w = tf.where(grow, _round(crop_h * aspect), crop_w)
+    area = crop_w * crop_h
+    shrink = area > max_area
+    crop_h = tf.where(shrink, crop_h - 1, crop_h)
+    crop_w = tf.where(shrink, _round(crop_h * aspect), crop_w)
+    area = crop_w * crop_h
+    ok = ((area >= min_area) & (area <= max_area) & (crop_w <= big_w) & (crop_h <= big_h)
+          & (crop_w > 0) & (crop_h > 0) & (area / (big_w * big_h) >= CROP_MIN_COVERED))
     first = tf.argmax(tf.cast(ok, tf.int32), axis=1)[:, None]
     found = tf.reduce_any(ok, axis=1)
-    ch = tf.where(found, tf.gather(ch, first, batch_dims=1)[:, 0],
-                  tf.minimum(h, tf.round(w / CROP_ASPECT[0])))
-    cw = tf.where(found, tf.gather(cw, first, batch_dims=1)[:, 0],
-                  tf.minimum(w, tf.round(h * CROP_ASPECT[1])))
-    u = _uniform(offset_seed, [2, batch])
-    top = tf.where(found, tf.floor(u[0] * (h - ch + 1)), tf.floor((h - ch) / 2))
-    left = tf.where(found, tf.floor(u[1] * (w - cw + 1)), tf.floor((w - cw) / 2))
-    return tf.cast(tf.stack([top, left, ch, cw], axis=1), tf.int32)
+    crop_h = tf.where(found, tf.gather(crop_h, first, batch_dims=1)[:, 0], big_h)
+    crop_w = tf.where(found, tf.gather(crop_w, first, batch_dims=1)[:, 0], big_w)
+    u = _uniform(offset_seed, [2, n])
+    top = tf.minimum(tf.floor(u[0] * (big_h - crop_h)), tf.maximum(big_h - crop_h - 1, 0))
+    left = tf.minimum(tf.floor(u[1] * (big_w - crop_w)), tf.maximum(big_w - crop_w - 1, 0))
+    return tf.cast(tf.stack([top, left, crop_h, crop_w], axis=1), tf.int32)
 
 
 def _bicubic_taps(start: tf.Tensor, length: tf.Tensor, size: int
@@ -118,7 +147,11 @@ def _bicubic_taps(start: tf.Tensor, length: tf.Tensor, size: int
 
 def crop_and_resize(images: tf.Tensor, boxes: tf.Tensor, size: int) -> tf.Tensor:
     """Crops boxes [b, 4] (top, left, height, width) and resizes each to size x size, bicubic:
-    separable gathers of 4 taps per output pixel, so the cost follows the output size."""
+    separable gathers of 4 taps per output pixel, so the cost follows the output size. A
+    single image (static batch 1) is cut and resized by TF's resize kernel, which is faster on
+    large images."""
+    if images.shape[0] == 1:
+        return resized_crop(images[0], boxes[0], size)[None]
     rows, row_w = _bicubic_taps(boxes[:, 0], boxes[:, 2], size)
     cols, col_w = _bicubic_taps(boxes[:, 1], boxes[:, 3], size)
     x = tf.gather(images, rows, axis=1, batch_dims=1)  # [b, size, 4, W, C]
@@ -127,10 +160,23 @@ def crop_and_resize(images: tf.Tensor, boxes: tf.Tensor, size: int) -> tf.Tensor
     return tf.einsum('bsxtc,bxt->bsxc', x, col_w)
 
 
+def resized_crop(image: tf.Tensor, box: tf.Tensor, size: int,
+                 flip: Optional[tf.Tensor] = None) -> tf.Tensor:
+    """The box (top, left, height, width) of one image [H, W, 3] (uint8 or float in [0, 1]),
+    resized to size x size with tf.image.resize's bicubic (the authors' resize): float32.
+    With `flip` (a bool) mirrored first where true: the same as mirroring the resized crop (the
+    resize is symmetric), on the smaller uint8 window."""
+    window = tf.slice(image, tf.stack([box[0], box[1], 0]), tf.stack([box[2], box[3], 3]))
+    if flip is not None:
+        window = tf.cond(flip, lambda: tf.reverse(window, [1]), lambda: window)
+    out = tf.image.resize(window, [size, size], method='bicubic')
+    return out / 255.0 if image.dtype == tf.uint8 else out
+
+
 def random_resized_crop(images: tf.Tensor, size: int, seed: Seed) -> tf.Tensor:
-    """Inception-style random crop, resized back to size x size (bicubic)."""
+    """The authors' random crop (`sample_crops`), resized to size x size (bicubic)."""
     shape = tf.shape(images)
-    return crop_and_resize(images, _sample_crops(shape[1], shape[2], shape[0], seed), size)
+    return crop_and_resize(images, sample_crops(shape[1], shape[2], shape[0], seed), size)
 
 
 def center_crop_resize(images: tf.Tensor, size: int) -> tf.Tensor:
@@ -149,20 +195,19 @@ def center_crop_resize(images: tf.Tensor, size: int) -> tf.Tensor:
                    lambda: tf.identity(images), lambda: crop_and_resize(images, boxes, size))
 
 
+def flip_coins(n, seed: Seed) -> tf.Tensor:
+    """[n] bools: which images random_flip with this seed mirrors."""
+    return _uniform(seed, [n]) < FLIP_P
+
+
 def random_flip(images: tf.Tensor, seed: Seed) -> tf.Tensor:
-    return _select(_uniform(seed, [tf.shape(images)[0]]) < FLIP_P, tf.reverse(images, [2]),
-                   images)
+    return _select(flip_coins(tf.shape(images)[0], seed), tf.reverse(images, [2]), images)
 
 
 # ---------------------------------------------------------------- colour distortion
-def color_jitter(images: tf.Tensor, strength: float, seed: Seed,
-                 brightness: str = 'multiplicative', jit: bool = False) -> tf.Tensor:
-    """Brightness, contrast, saturation (0.8 s each) and hue (0.2 s) in a random order per
-    image, clipping to [0, 1] after each, as the authors do. Brightness is multiplicative
-    (SimCLRv2: x * U(1 - d, 1 + d)) or additive (v1: x + U(-d, d))."""
-    if strength <= 0:
-        return images
-    b = tf.shape(images)[0]
+def _jitter_params(b: tf.Tensor, strength: float, seed: Seed, brightness: str) -> tuple:
+    """Per image: the order of the four ops ([b, 4]: the op at each step, 0 brightness,
+    1 contrast, 2 saturation, 3 hue) and their parameters ([b] each)."""
     order_seed, b_seed, c_seed, s_seed, h_seed = _split(seed, 5)
     delta = 0.8 * strength
 
@@ -174,35 +219,122 @@ def color_jitter(images: tf.Tensor, strength: float, seed: Seed,
     else:
         bright_scale, bright_shift = tf.ones([b]), _uniform(b_seed, [b], -delta, delta)
     hue_delta = min(0.2 * strength, 0.5)
-    params = (bright_scale, bright_shift, factor(c_seed), factor(s_seed),
-              _uniform(h_seed, [b], -hue_delta, hue_delta))
-    # order[:, k]: the op at step k (0 brightness, 1 contrast, 2 saturation, 3 hue).
     order = tf.argsort(_uniform(order_seed, [b, 4]), axis=1, stable=True)
-    step = _compiled(_jitter_step, jit)  # one program, run four times
-    for k in range(4):
-        images = step(images, order[:, k], *params)
-    return images
+    return (order, bright_scale, bright_shift, factor(c_seed), factor(s_seed),
+            _uniform(h_seed, [b], -hue_delta, hue_delta))
+
+
+def color_jitter(images: tf.Tensor, strength: float, seed: Seed,
+                 brightness: str = 'multiplicative', jit: bool = False) -> tf.Tensor:
+    """Brightness, contrast, saturation (0.8 s each) and hue (0.2 s) in a random order per
+    image, clipping to [0, 1] after each, as the authors do. Brightness is multiplicative
+    (SimCLRv2: x * U(1 - d, 1 + d)) or additive (v1: x + U(-d, d))."""
+    if strength <= 0:
+        return images
+    b = tf.shape(images)[0]
+    params = _jitter_params(b, strength, seed, brightness)
+    on, off = tf.ones([b], tf.bool), tf.zeros([b], tf.bool)
+    return _color(images, on, off, *params, jit=jit)
+
+
+def _planes(images: tf.Tensor) -> list[tf.Tensor]:
+    return tf.unstack(images, axis=-1)
+
+
+def _saturate(rgb: list, factor: tf.Tensor) -> list:
+    """tf.image.adjust_saturation without the HSV round trip: with hue and value kept, each
+    channel moves along (value - channel) by the clipped saturation's ratio s' / s."""
+    value = tf.maximum(tf.maximum(rgb[0], rgb[1]), rgb[2])
+    chroma = value - tf.minimum(tf.minimum(rgb[0], rgb[1]), rgb[2])
+    ratio = tf.where(chroma > 0, tf.minimum(factor, value / tf.maximum(chroma, 1e-12)), 1.0)
+    return [value - (value - c) * ratio for c in rgb]
+
+
+def _shift_hue(rgb: list, delta: tf.Tensor) -> list:
+    """tf.image.adjust_hue in RGB: the hue as rgb_to_hsv computes it (in sixths of the
+    circle), shifted, and the channels rebuilt from (value, chroma, hue) as hsv_to_rgb does."""
+    r, g, b = rgb
+    value = tf.maximum(tf.maximum(r, g), b)
+    chroma = value - tf.minimum(tf.minimum(r, g), b)
+    inverse = 1.0 / tf.maximum(chroma, 1e-12)
+    sixth = tf.where(r == value, (g - b) * inverse,
+                     tf.where(g == value, (b - r) * inverse + 2.0, (r - g) * inverse + 4.0))
+    hue = sixth + 6.0 * delta  # in (-2.2, 7.2): wrapped by comparisons, not a modulo
+    hue = tf.where(hue < 0, hue + 6.0, tf.where(hue >= 6.0, hue - 6.0, hue))
+
+    def channel(n):
+        k = hue + n
+        k = tf.where(k >= 6.0, k - 6.0, k)
+        return value - chroma * tf.clip_by_value(tf.minimum(k, 4.0 - k), 0.0, 1.0)
+
+    return [channel(5.0), channel(3.0), channel(1.0)]
 
 
 def _jitter_step(images, op, bright_scale, bright_shift, contrast, saturation, hue):
-    """Applies to each image its op of this step. Brightness and contrast are both affine
-    (contrast: x * f + mean * (1 - f)), saturation and hue both rescale or turn one HSV
-    coordinate, so a step is one affine map and one HSV round trip with per-image parameters
-    (identity where the image's op is of the other kind), not four ops."""
-    mean = tf.reduce_mean(images, axis=[1, 2], keepdims=True)
-    scale = tf.where(op == 0, bright_scale, tf.where(op == 1, contrast, 1.0))
-    shift = _per_image(tf.where(op == 0, bright_shift, 0.0)) + tf.where(
-        _per_image(op == 1), mean * _per_image(1.0 - contrast), 0.0)
-    affine = images * _per_image(scale) + shift
-    h, s, v = tf.unstack(tf.image.rgb_to_hsv(images), axis=-1)
-    h = tf.math.floormod(h + _per_image(tf.where(op == 3, hue, 0.0))[..., 0], 1.0)
-    s = tf.clip_by_value(s * _per_image(tf.where(op == 2, saturation, 1.0))[..., 0], 0.0, 1.0)
-    hsv = tf.image.hsv_to_rgb(tf.stack([h, s, v], axis=-1))
-    return tf.clip_by_value(_select(op >= 2, hsv, affine), 0.0, 1.0)
+    """Applies to each image its op of this step (0 brightness, 1 contrast, 2 saturation,
+    3 hue) and clips. A batch computes the four ops and keeps each image's own (one program
+    for images with different orders); a single image computes only its own. The three colour
+    planes are handled apart, not as a channel axis: a compiled step then reads each pixel's
+    three values once instead of once per output channel."""
+    def brightness(x):
+        return [c * per(bright_scale) + per(bright_shift) for c in x]
+
+    def contrast_(x):
+        return [c * per(contrast) + tf.reduce_mean(c, axis=[1, 2], keepdims=True)
+                * (1.0 - per(contrast)) for c in x]
+
+    def per(v):
+        return v[:, None, None]
+
+    x = _planes(images)
+    ops = (brightness, contrast_, lambda x: _saturate(x, per(saturation)),
+           lambda x: _shift_hue(x, per(hue)))
+    if images.shape[0] == 1:
+        out = tf.switch_case(op[0], [lambda f=f: tf.stack(f(x), -1) for f in ops])
+    else:
+        candidates = [tf.stack(f(x), -1) for f in ops]
+        out = candidates[3]
+        for k in (2, 1, 0):
+            out = _select(op == k, candidates[k], out)
+    return tf.clip_by_value(out, 0.0, 1.0)
+
+
+def _color(images, jitter, gray, order, bright_scale, bright_shift, contrast, saturation, hue,
+           jit: bool = False):
+    """The colour distortion with drawn parameters: for each image its four jitter steps where
+    `jitter`, then grey where `gray`. For a batch each step is one compiled program (run four
+    times): in one program XLA would recompute every step inside each consumer of its output.
+    A single image's steps are conditionals, whose outputs XLA keeps: one program for all."""
+    params = (order, bright_scale, bright_shift, contrast, saturation, hue)
+    if images.shape[0] == 1:
+        return _compiled(_color_steps, jit)(images, jitter, gray, *params)
+    out = images
+    step = _compiled(_jitter_step, jit)
+    for k in range(4):
+        out = step(out, order[:, k], *params[1:])
+    return _compiled(_select_then_gray, jit)(jitter, gray, out, images)
+
+
+def _color_steps(images, jitter, gray, order, *params):
+    out = images
+    for k in range(4):
+        out = _jitter_step(out, order[:, k], *params)
+    return _select_then_gray(jitter, gray, out, images)
+
+
+def _select_then_gray(jitter: tf.Tensor, gray: tf.Tensor, jittered: tf.Tensor,
+                      images: tf.Tensor) -> tf.Tensor:
+    images = _select(jitter, jittered, images)
+    return _select(gray, to_grayscale(images), images)
+
+
+def _grey(rgb: list) -> tf.Tensor:
+    return 0.2989 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]  # tf.image.rgb_to_grayscale's
 
 
 def to_grayscale(images: tf.Tensor) -> tf.Tensor:
-    return tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(images))
+    grey = _grey(_planes(images))
+    return tf.stack([grey] * 3, axis=-1)
 
 
 def _color_coins(batch: tf.Tensor, seed: Seed) -> tuple[tf.Tensor, tf.Tensor, Seed]:
@@ -214,17 +346,14 @@ def _color_coins(batch: tf.Tensor, seed: Seed) -> tuple[tf.Tensor, tf.Tensor, Se
 
 def random_color_distortion(images: tf.Tensor, config: Config, seed: Seed, jit: bool = False
                             ) -> tf.Tensor:
-    """Colour jitter with p = 0.8, then (independently) grayscale with p = 0.2."""
-    jitter, gray, jitter_seed = _color_coins(tf.shape(images)[0], seed)
-    jittered = color_jitter(images, config.color_jitter_strength, jitter_seed, config.brightness,
-                            jit)
-    return _compiled(_select_then_gray, jit)(jitter, gray, jittered, images)
-
-
-def _select_then_gray(jitter: tf.Tensor, gray: tf.Tensor, jittered: tf.Tensor,
-                      images: tf.Tensor) -> tf.Tensor:
-    images = _select(jitter, jittered, images)
-    return _select(gray, to_grayscale(images), images)
+    """Colour jitter with p = 0.8, then (independently) grayscale with p = 0.2. At strength 0
+    no colour op at all, grey included, as the authors (their "no colour" ablations)."""
+    if config.color_jitter_strength <= 0:
+        return images
+    b = tf.shape(images)[0]
+    jitter, gray, jitter_seed = _color_coins(b, seed)
+    params = _jitter_params(b, config.color_jitter_strength, jitter_seed, config.brightness)
+    return _color(images, jitter, gray, *params, jit=jit)
 
 
 # ---------------------------------------------------------------- the ablation's other ops
@@ -314,6 +443,12 @@ def _run(images: tf.Tensor, names: tuple[str, ...], size: int, seeds: tf.Tensor,
     return images
 
 
+def op_seeds(seed: Optional[Seed]) -> dict[str, Seed]:
+    """The seed of each op of a view drawn with `seed` (by the op's name, not its place)."""
+    return dict(zip(config_lib.AUGMENTATIONS,
+                    _split(_seed(seed), len(config_lib.AUGMENTATIONS))))
+
+
 def view(images: tf.Tensor, names: Sequence[str], config: Config, seed: Optional[Seed] = None,
          fit: bool = True, jit: bool = False) -> tf.Tensor:
     """One view of an image [H, W, 3] or a batch [b, H, W, 3] (uint8 or float in [0, 1]): the
@@ -326,8 +461,7 @@ def view(images: tf.Tensor, names: Sequence[str], config: Config, seed: Optional
     images = tf.convert_to_tensor(images)
     single = images.shape.rank == 3
     images = images[None] if single else images
-    seeds = dict(zip(config_lib.AUGMENTATIONS,
-                     _split(_seed(seed), len(config_lib.AUGMENTATIONS)) if names else ()))
+    seeds = op_seeds(seed) if names else {}
     # Runs of ops between colour distortions, each one program when compiled.
     runs: list[tuple[str, ...]] = [()]
     for name in names:

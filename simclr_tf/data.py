@@ -5,7 +5,9 @@ channel axis ([b, S, S, 6]), as the authors do; labels are one-hot. Blur is appl
 training loop on whole batches (`augment.batch_random_blur`).
 
 Reproducibility: the training stream is a function of (config.seed, element index). Each epoch
-is shuffled with a seed derived from (seed, input pipeline, epoch), and the views are drawn by
+is shuffled with a seed derived from (seed, input pipeline, epoch) — an image folder's list or a
+cached set permuted whole, a TFDS split's files read in that epoch's own random order before a
+shuffle buffer — and the views are drawn by
 stateless ops seeded from (seed, input pipeline, index of the batch's first element; for images
 of mixed sizes also of each image's own index), so a run resumed at `start_step` yields exactly
 the batches an uninterrupted run would (only the current epoch is skipped through, never the
@@ -28,7 +30,7 @@ import os
 import random
 import re
 import threading
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import PIL.Image
@@ -193,8 +195,19 @@ class _FolderSource:
     def labels(self, split: str) -> np.ndarray:
         return np.asarray(self._select(split)[1], np.int64)
 
-    def read(self, split: str, num_shards: int, index: int) -> tuple[tf.data.Dataset, int]:
+    # Every epoch is a full permutation of the list (a shuffle buffer of the whole split).
+    full_shuffle = True
+    stores_files = True
+
+    def read(self, split: str, num_shards: int, index: int, keep: Optional[np.ndarray] = None,
+             order: Optional[tf.Tensor] = None) -> tuple[tf.data.Dataset, int]:
+        """(path, label) of the split's examples where `keep` (a mask over the split), every
+        num_shards-th from `index` on. `order` plays no part: the caller permutes the list."""
+        del order
         paths, labels = self._select(split)
+        if keep is not None:
+            paths = [p for p, k in zip(paths, keep) if k]
+            labels = [y for y, k in zip(labels, keep) if k]
         paths, labels = paths[index::num_shards], labels[index::num_shards]
         return tf.data.Dataset.from_tensor_slices((paths, labels)), len(paths)
 
@@ -211,10 +224,11 @@ class _FolderSource:
         return sizes.pop() if len(sizes) == 1 else None
 
     @staticmethod
-    def decode(path: tf.Tensor) -> tf.Tensor:
-        # decode_image reads the format from the bytes, makes grey and RGBA files RGB.
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        return tf.ensure_shape(image, [None, None, 3])
+    def encoded(path: tf.Tensor) -> tf.Tensor:
+        return tf.io.read_file(path)
+
+    def decode(self, path: tf.Tensor) -> tf.Tensor:
+        return decode_image(self.encoded(path))
 
 
 # ---------------------------------------------------------------- TFDS
@@ -238,6 +252,9 @@ class _TfdsSource:
         self.num_classes = labels.num_classes
         self.class_names = tuple(labels.names) if labels.names else None
         self._image_feature = info.features[self.image_key]
+        # Whether the image feature holds image files (PNG / JPEG bytes), not raw pixels.
+        self.stores_files = (isinstance(self._image_feature, tfds.features.Image)
+                             and getattr(self._image_feature, '_encoding_format', None) != 'none')
 
     def num_examples(self, split: str) -> int:
         try:
@@ -253,18 +270,69 @@ class _TfdsSource:
                                           decoders={self.image_key: tfds.decode.SkipDecoding()})
         return np.fromiter((int(x[self.label_key]) for x in tfds.as_numpy(dataset)), np.int64)
 
-    def read(self, split: str, num_shards: int, index: int) -> tuple[tf.data.Dataset, int]:
-        if num_shards > 1:  # exact even example ranges, so each pipeline knows its epoch length
+    # Too big to permute whole: each epoch reads the files in its own order, then a buffer.
+    full_shuffle = False
+
+    def read(self, split: str, num_shards: int, index: int, keep: Optional[np.ndarray] = None,
+             order: Optional[tf.Tensor] = None) -> tuple[tf.data.Dataset, int]:
+        """(encoded image, label) of the split's examples where `keep` (a mask over the split),
+        for input pipeline `index` of num_shards. With `order` (a stateless seed) the split's
+        files are read in that seed's random order, 16 at a time interleaved (TFDS's
+        shuffle_files, but seeded per epoch); without it in the split's order."""
+        if keep is None and num_shards > 1:  # exact even ranges: each pipeline knows its length
             split = tfds.even_splits(split, n=num_shards)[index]
-        dataset = self.builder.as_dataset(
-            split=split, as_supervised=True, shuffle_files=False,  # order comes from our shuffle
-            decoders={self.image_key: tfds.decode.SkipDecoding()},
-            read_config=tfds.ReadConfig(try_autocache=False))
-        return dataset, self.num_examples(split)
+        if keep is None:
+            n = self.num_examples(split)
+        else:  # shards by example index, whatever the files' order
+            n = int(np.sum(keep[index::num_shards]))
+        if self.builder.info.file_format != tfds.core.FileFormat.TFRECORD:
+            dataset = self.builder.as_dataset(
+                split=split, shuffle_files=False,
+                decoders={self.image_key: tfds.decode.SkipDecoding()},
+                read_config=tfds.ReadConfig(try_autocache=False))
+            dataset = dataset.enumerate().map(
+                lambda i, x: (i, x[self.image_key], x[self.label_key]))
+        else:
+            dataset = self._records(split, order)
+        if keep is not None:
+            mask = tf.constant(keep)
+            dataset = dataset.filter(lambda i, x, y: tf.gather(mask, i)
+                                     & (i % num_shards == index))
+        return dataset.map(lambda i, x, y: (x, y)), n
+
+    def _records(self, split: str, order: Optional[tf.Tensor]) -> tf.data.Dataset:
+        """(index in split, encoded image, label) read from the split's TFRecord files."""
+        files, skips, takes, firsts = [], [], [], []
+        for instruction in self.builder.info.splits[split].file_instructions:
+            files.append(instruction.filename)
+            skips.append(instruction.skip)
+            takes.append(instruction.take)
+            firsts.append(sum(takes[:-1]))
+        columns = (tf.constant(files), tf.constant(skips, tf.int64), tf.constant(takes, tf.int64),
+                   tf.constant(firsts, tf.int64))
+        if order is not None:
+            permutation = tf.argsort(tf.random.stateless_uniform([len(files)], order))
+            columns = tuple(tf.gather(c, permutation) for c in columns)
+        decoders = {self.image_key: tfds.decode.SkipDecoding()}
+
+        def parse(index, record):
+            example = self.builder.info.features.deserialize_example(record, decoders=decoders)
+            return index, example[self.image_key], example[self.label_key]
+
+        return tf.data.Dataset.from_tensor_slices(columns).interleave(
+            lambda f, skip, take, first: tf.data.TFRecordDataset(f).skip(skip).take(take)
+            .enumerate(first),
+            **(dict(cycle_length=1) if order is None else dict(
+                cycle_length=min(16, len(files)), num_parallel_calls=AUTOTUNE,
+                deterministic=True))
+        ).map(parse, num_parallel_calls=AUTOTUNE)
 
     def common_size(self, split: str) -> Optional[tuple[int, int]]:
         height, width = self._image_feature.shape[:2]
         return (height, width) if height and width else None
+
+    def encoded(self, encoded: tf.Tensor) -> tf.Tensor:
+        return encoded  # the image file's bytes (when stores_files)
 
     def decode(self, encoded: tf.Tensor) -> tf.Tensor:
         image = self._image_feature.decode_example(encoded)
@@ -274,6 +342,45 @@ class _TfdsSource:
         elif channels == 4:
             image = image[..., :3]
         return tf.ensure_shape(image, [None, None, 3])
+
+
+# ---------------------------------------------------------------- decoding
+def decode_image(encoded: tf.Tensor) -> tf.Tensor:
+    """uint8 [h, w, 3] from an image file's bytes: the format read from the bytes, grey, RGBA
+    and CMYK made RGB."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    return tf.ensure_shape(image, [None, None, 3])
+
+
+def decode_crops(encoded: tf.Tensor, draw_boxes: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+                 ) -> tuple[tf.Tensor, tf.Tensor]:
+    """Decodes what random crops of an image file need: (uint8 pixels, [n, 4] boxes in them).
+    `draw_boxes(height, width)` draws the boxes (top, left, height, width) for the image's size.
+    A JPEG's size is read from its header and, where the window holding all boxes is under half
+    the image, only that window is decoded (libjpeg skips the rest); other formats are decoded
+    whole."""
+    def jpeg():
+        size = tf.io.extract_jpeg_shape(encoded)
+        boxes = draw_boxes(size[0], size[1])
+        top_left = tf.reduce_min(boxes[:, :2], axis=0)
+        bottom_right = tf.reduce_max(boxes[:, :2] + boxes[:, 2:], axis=0)
+        window = tf.concat([top_left, bottom_right - top_left], 0)
+        # A window decode pays off only where it skips much of the image (measured here: a
+        # whole ImageNet photograph decodes faster than a window of 60 % of it).
+        small = 2 * window[2] * window[3] < size[0] * size[1]
+        pixels = tf.cond(small, lambda: tf.io.decode_and_crop_jpeg(encoded, window, channels=3),
+                         lambda: tf.slice(tf.io.decode_jpeg(encoded, channels=3),
+                                          tf.concat([top_left, [0]], 0),
+                                          tf.concat([window[2:], [3]], 0)))
+        return pixels, boxes - tf.concat([top_left, [0, 0]], 0)[None]
+
+    def other():
+        pixels = decode_image(encoded)
+        shape = tf.shape(pixels)
+        return pixels, draw_boxes(shape[0], shape[1])
+
+    pixels, boxes = tf.cond(tf.strings.substr(encoded, 0, 3) == b'\xff\xd8\xff', jpeg, other)
+    return tf.ensure_shape(pixels, [None, None, 3]), boxes
 
 
 @functools.lru_cache(maxsize=16)
@@ -331,17 +438,22 @@ def _report_undecodable(x: tf.Tensor, is_path: bool) -> bool:
 
 def decode_or_replace(source, x: tf.Tensor, size: Optional[tuple[int, int]]) -> tf.Tensor:
     """source.decode(x), or (logged and counted) a mid-grey uint8 image if that fails."""
-    is_path = isinstance(source, _FolderSource)
     shape = list(size or _STAND_IN_SIZE) + [3]
+    return or_replace(source, x, source.decode, lambda: tf.fill(shape, tf.constant(128, tf.uint8)))
 
-    def stand_in(x):
+
+def or_replace(source, x: tf.Tensor, decode: Callable, stand_in: Callable) -> Any:
+    """decode(x), or (logged and counted) stand_in() of the same structure if decoding fails."""
+    is_path = isinstance(source, _FolderSource)
+
+    def replace(x):
         reported = tf.py_function(lambda v: _report_undecodable(v, is_path), [x], tf.bool)
         with tf.control_dependencies([reported]):
-            return tf.fill(shape, tf.constant(128, tf.uint8))
+            return tf.nest.map_structure(tf.identity, stand_in())
 
     one = tf.data.Dataset.from_tensors(x)
-    decoded = one.map(source.decode).ignore_errors(log_warning=False)
-    return decoded.concatenate(one.map(stand_in)).take(1).get_single_element()
+    decoded = one.map(decode).ignore_errors(log_warning=False)
+    return decoded.concatenate(one.map(replace)).take(1).get_single_element()
 
 
 # ---------------------------------------------------------------- label subsets
@@ -382,19 +494,16 @@ def _cached_subset(source, split: str, fraction: float, seed: int) -> np.ndarray
     return subset
 
 
-def _read_train(source, config: Config, pipelines: int, pipeline: int
-                ) -> tuple[tf.data.Dataset, int]:
+def _read_train(source, config: Config, pipelines: int, pipeline: int,
+                order: Optional[tf.Tensor] = None) -> tuple[tf.data.Dataset, int]:
     """train_split's (item, label) for one input pipeline, restricted to the label subset."""
     split = config.train_split
     subset = _label_subset(source, config, split)
-    if subset is None:
-        return source.read(split, pipelines, pipeline)
-    items, n = source.read(split, 1, 0)
-    keep = np.zeros([n], bool)
-    keep[subset] = True
-    items = (items.enumerate().filter(lambda i, item: tf.gather(keep, i))
-             .map(lambda i, item: item).shard(pipelines, pipeline))
-    return items, len(subset[pipeline::pipelines])
+    keep = None
+    if subset is not None:
+        keep = np.zeros([source.num_examples(split)], bool)
+        keep[subset] = True
+    return source.read(split, pipelines, pipeline, keep, order)
 
 
 # ---------------------------------------------------------------- public API
@@ -440,10 +549,12 @@ def build_dataset(config: Config, is_training: bool,
         pipelines = input_context.num_input_pipelines
         pipeline = input_context.input_pipeline_id
         replicas = input_context.num_replicas_in_sync
-    if is_training or (labelled_only and split == config.train_split):
-        items, n = _read_train(source, config, pipelines, pipeline)
-    else:
-        items, n = source.read(split, pipelines, pipeline)
+    def read(order: Optional[tf.Tensor] = None) -> tuple[tf.data.Dataset, int]:
+        if is_training or (labelled_only and split == config.train_split):
+            return _read_train(source, config, pipelines, pipeline, order)
+        return source.read(split, pipelines, pipeline, order=order)
+
+    items, n = read()
     if not n:
         raise DataError(f'split {split!r} of {source.description} has no examples for input '
                         f'pipeline {pipeline} of {pipelines}')
@@ -480,33 +591,58 @@ def build_dataset(config: Config, is_training: bool,
     epoch_key, element_key, batch_key = (tf.constant([seed, 3 * pipeline + i], tf.int64)
                                          for i in range(3))
 
+    # Images of mixed sizes with the crop first (the usual case) are decoded for their crops
+    # only (decode_crops); each view is then finished image by image (one compiled program
+    # per op of one fixed size), where a single image's jitter step computes only its own op.
+    fast_crop = (not decoded and head == ('crop',) and is_training
+                 and source.stores_files)
+
+    # The ~100 small ops of the crop draw as one compiled program (same distribution).
+    draw = tf.function(augment.sample_crops, jit_compile=True, autograph=False)
+
     def per_image(index, item):
         x, label = item
-        image = x if decoded else decode(x)
-        if not whole_batches:
-            seeds = tf.random.experimental.stateless_split(
-                tf.random.experimental.stateless_fold_in(element_key, index), num_views)
-            image = tf.concat([augment.view(image, head, config, seeds[v])
-                               for v in range(num_views)], axis=-1)
-        return index, (image, label)
+        if whole_batches:
+            return index, (x if decoded else decode(x), label)
+        seeds = tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in(element_key, index), num_views)
+        if fast_crop:
+            crop_seed = augment.op_seeds(seeds[0])['crop']  # all views' boxes in one draw
+            boxes_for = lambda h, w: draw(h, w, num_views, crop_seed)  # noqa: E731
+            grey = tf.fill(list(_STAND_IN_SIZE) + [3], tf.constant(128, tf.uint8))
+            pixels, boxes = or_replace(
+                source, x, lambda x: decode_crops(source.encoded(x), boxes_for),
+                lambda: (grey, boxes_for(*_STAND_IN_SIZE)))
+            # A flip right after the crop is done on the uint8 window, before the resize.
+            flips = [augment.flip_coins(1, augment.op_seeds(seeds[v])['flip'])[0]
+                     if tail[:1] == ('flip',) else None for v in range(num_views)]
+            views = [augment.resized_crop(pixels, boxes[v], config.image_size, flips[v])
+                     for v in range(num_views)]
+        else:
+            image = x if decoded else decode(x)
+            views = [augment.view(image, head, config, seeds[v]) for v in range(num_views)]
+        rest = tail[1:] if fast_crop and tail[:1] == ('flip',) else tail
+        views = [augment.view(tf.clip_by_value(views[v], 0.0, 1.0)[None], rest, config,
+                              seeds[v], fit=False, jit=True)[0] for v in range(num_views)]
+        return index, (tf.concat(views, axis=-1), label)
 
     def per_batch(index, item):
         images, labels = item
         seeds = tf.random.experimental.stateless_split(
             tf.random.experimental.stateless_fold_in(batch_key, index[0]), num_views)
         if whole_batches:  # whole views
-            views = [augment.view(images, names, config, seeds[v], jit=True)
-                     for v in range(num_views)]
-        else:  # the rest of each view
-            views = [augment.view(images[..., 3 * v:3 * v + 3], tail, config, seeds[v],
-                                  fit=False, jit=True) for v in range(num_views)]
-        return tf.concat(views, axis=-1), tf.one_hot(labels, source.num_classes)
+            images = tf.concat([augment.view(images, names, config, seeds[v], jit=True)
+                                for v in range(num_views)], axis=-1)
+        return images, tf.one_hot(labels, source.num_classes)
 
     if is_training:
         # One global step takes a per-replica batch for each replica this pipeline feeds.
         start = start_step * batch * max(replicas // pipelines, 1)
-        buffer = (50 if config.image_size <= 32 else 10) * batch
-        dataset = _shuffled_epochs(items, n, buffer, epoch_key, start)
+        if decoded or source.full_shuffle:  # in memory, or a list of files: permute it all
+            dataset = _shuffled_epochs(lambda order: items, n, n, epoch_key, start)
+        else:  # the files in a fresh order, then the authors' buffer
+            buffer = (50 if config.image_size <= 32 else 10) * batch
+            dataset = _shuffled_epochs(lambda order: read(order)[0], n, buffer, epoch_key, start)
     else:
         dataset = items.enumerate()
     if not (decoded and whole_batches):
@@ -515,10 +651,12 @@ def build_dataset(config: Config, is_training: bool,
     return dataset.map(per_batch, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
 
 
-def _shuffled_epochs(items: tf.data.Dataset, n: int, buffer: int, key: tf.Tensor, start: int
-                     ) -> tf.data.Dataset:
-    """(index, item) from element `start` on of endless epochs of n items, each epoch shuffled
-    with its own seed; only the current epoch is read through to get to `start`."""
+def _shuffled_epochs(items: Callable[[tf.Tensor], tf.data.Dataset], n: int, buffer: int,
+                     key: tf.Tensor, start: int) -> tf.data.Dataset:
+    """(index, item) from element `start` on of endless epochs of n items. Epoch e reads
+    `items(order seed of e)` through a shuffle buffer seeded by e: with buffer >= n a uniformly
+    random permutation of the items. Only the current epoch is read through to get to `start`,
+    and a resumed stream is the uninterrupted one from `start` on."""
     first_epoch, offset = divmod(start, n)
 
     def epoch(e: tf.Tensor) -> tf.data.Dataset:
@@ -527,7 +665,9 @@ def _shuffled_epochs(items: tf.data.Dataset, n: int, buffer: int, key: tf.Tensor
         # the order a function of config.seed alone.
         assert not tf.executing_eagerly()
         tf.compat.v1.set_random_seed(_GRAPH_SEED)
-        return items.shuffle(buffer, seed=tf.random.experimental.stateless_fold_in(key, e)[0])
+        shuffle_seed, order_seed = tf.unstack(tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in(key, e), 2))
+        return items(order_seed).shuffle(min(buffer, n), seed=shuffle_seed[0])
 
     return (tf.data.Dataset.range(first_epoch, _EPOCHS).flat_map(epoch)
             .skip(offset).enumerate(start))

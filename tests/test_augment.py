@@ -56,6 +56,13 @@ def test_colour_jitter_ranges_and_random_order():
     assert not np.allclose(y1.numpy(), y.numpy())
 
 
+def test_strength_zero_applies_no_colour_op_not_even_grey(image):
+    config = CONFIG.replace(augmentations='color', color_jitter_strength=0.0)
+    images = np.repeat(image[None], 200, axis=0)
+    out = augment.preprocess_for_pretrain(images, config, tf.constant([1, 2])).numpy()
+    np.testing.assert_array_equal(out, np.broadcast_to(augment.to_float(image).numpy(), out.shape))
+
+
 def test_blur_is_applied_to_about_half_of_the_views_with_sigma_in_range(image):
     config = CONFIG.replace(use_blur=True)
     seed = tf.constant([5, 6], tf.int64)
@@ -82,28 +89,66 @@ def test_blur_kernel_is_ten_percent_of_the_side_and_keeps_a_flat_image_flat():
     np.testing.assert_allclose(out.numpy(), 0.7, atol=1e-6)  # reflect padding: no dark border
 
 
-@pytest.mark.parametrize('height,width,largest', [(32, 32, 1.0), (24, 40, 24 * 32 / 960)])
-def test_crop_areas_and_aspect_ratios(height, width, largest):
-    boxes = augment._sample_crops(height, width, N, tf.constant([7, 8])).numpy()
-    top, left, h, w = boxes.T
-    area = h * w / (height * width)
-    aspect = w / h
-    assert area.min() >= 0.08 and area.max() <= 1.0
-    assert area.min() < 0.1 and area.max() > 0.95 * largest  # the whole range is used
-    assert aspect.min() >= 3 / 4 and aspect.max() <= 4 / 3
+def _authors_crops(height: int, width: int, n: int, seed: int) -> np.ndarray:
+    """n boxes (top, left, height, width) from TF's own op with the authors' arguments."""
+    seeds = tf.random.experimental.stateless_split(tf.constant([seed, 0], tf.int64), n)
+
+    @tf.function
+    def draw(seeds):
+        def one(s):
+            begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+                [height, width, 3], tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), s,
+                min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3),
+                area_range=(0.08, 1.0), max_attempts=100, use_image_if_no_bounding_boxes=True)
+            return tf.concat([begin[:2], size[:2]], 0)
+        return tf.map_fn(one, seeds, fn_output_signature=tf.int32, parallel_iterations=64)
+    return draw(seeds).numpy()
+
+
+def _ks(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov distance."""
+    a, b = np.sort(a), np.sort(b)
+    x = np.concatenate([a, b])
+    return float(np.abs(np.searchsorted(a, x, 'right') / len(a)
+                        - np.searchsorted(b, x, 'right') / len(b)).max())
+
+
+def _crop_stats(boxes: np.ndarray, height: int, width: int) -> dict:
+    top, left, h, w = boxes.T.astype(np.float64)
+    return {'area': h * w / (height * width), 'aspect': w / h, 'top': top / height,
+            'left': left / width, 'whole': (h == height) & (w == width)}
+
+
+@pytest.mark.parametrize('height,width', [(32, 32), (375, 500), (2400, 1600), (100, 600)])
+def test_crops_are_drawn_as_the_authors_tf_op_draws_them(height, width):
+    n = 20000  # KS distance 0.02 is ~3 sigma at this size, ~2 at 10,000
+    ours = augment.sample_crops(height, width, n, tf.constant([7, 8])).numpy()
+    theirs = _authors_crops(height, width, n, seed=1)
+    top, left, h, w = ours.T
     assert (top >= 0).all() and (left >= 0).all()
     assert (top + h <= height).all() and (left + w <= width).all()
+    ours, theirs = _crop_stats(ours, height, width), _crop_stats(theirs, height, width)
+    for key in ('area', 'aspect', 'top', 'left'):
+        assert _ks(ours[key], theirs[key]) < 0.02, key
+    assert abs(ours['whole'].mean() - theirs['whole'].mean()) <= 0.01
+    # Crops under 10 % of the image are rejected (min_object_covered), not just under 8 %.
+    assert ours['area'][~ours['whole']].min() >= 0.1
 
 
-def test_crop_falls_back_to_a_centre_crop():
-    # 2 x 100: no box of area >= 8 % can have an aspect ratio <= 4/3.
-    boxes = augment._sample_crops(2, 100, 4, tf.constant([1, 1])).numpy()
-    np.testing.assert_array_equal(boxes, [[0, 48, 2, 3]] * 4)
+@pytest.mark.parametrize('height,width,whole', [(45, 600, 0.73), (20, 600, 1.0)])
+def test_crops_fall_back_to_the_whole_image_as_often_as_the_authors(height, width, whole):
+    # 45 x 600: only 45 x 60 crops fit both ranges, and few of 100 attempts find one;
+    # 20 x 600: none does.
+    n = 50000
+    ours = _crop_stats(augment.sample_crops(height, width, n, tf.constant([3, 4])).numpy(),
+                       height, width)['whole'].mean()
+    theirs = _crop_stats(_authors_crops(height, width, n, seed=2), height, width)['whole'].mean()
+    assert abs(ours - theirs) <= 0.01 and abs(ours - whole) <= 0.01, (ours, theirs)
 
 
 def test_crop_and_resize_is_tf_bicubic_resize_of_the_crop():
     images = tf.random.stateless_uniform([6, 20, 28, 3], [2, 3])
-    boxes = augment._sample_crops(20, 28, 6, tf.constant([4, 4]))
+    boxes = augment.sample_crops(20, 28, 6, tf.constant([4, 4]))
     out = augment.crop_and_resize(images, boxes, 24)
     for image, (t, l, h, w), o in zip(images, boxes.numpy(), out):
         ref = tf.image.resize(image[t:t + h, l:l + w], [24, 24], method='bicubic')
@@ -182,13 +227,36 @@ def test_the_list_order_is_the_order_of_application(image):
 
 def test_compiled_ops_compute_what_the_plain_ops_do():
     x = tf.random.stateless_uniform([8, 32, 32, 3], [1, 2])
-    boxes = augment._sample_crops(32, 32, 8, tf.constant([1, 1]))
-    op = tf.constant([0, 1, 2, 3, 3, 2, 1, 0])
+    boxes = augment.sample_crops(32, 32, 8, tf.constant([1, 1]))
+    order = tf.constant([[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1]] * 2)
     p = [tf.random.stateless_uniform([8], [i, 0], 0.5, 1.5) for i in range(4)]
-    params = (p[0], p[1] - 1, p[2], p[3], p[3] - 1)
+    coins = tf.constant([True, False] * 4), tf.constant([False, False, True, False] * 2)
+    params = coins + (order, p[0], p[1] - 1, p[2], p[3], p[3] - 1)
     for fn, args in ((lambda x, b: augment.crop_and_resize(x, b, 32), (x, boxes)),
-                     (augment._jitter_step, (x, op) + params)):
+                     (augment._jitter_step, (x, order[:, 0]) + params[3:]),
+                     (augment._jitter_step, (x[:1], order[:1, 2]) + params[3:])):
         np.testing.assert_allclose(augment._xla(fn)(*args), fn(*args), atol=2e-5)
+    np.testing.assert_allclose(augment._color(x, *params, jit=True), augment._color(x, *params),
+                               atol=2e-5)
+    # One image (one program of conditionals) is coloured as it is in the batch.
+    np.testing.assert_allclose(augment._color(x[2:3], *[v[2:3] for v in params], jit=True),
+                               augment._color(x, *params)[2:3], atol=2e-5)
+    # A single image's step (only its own op) is the batch's step for that image.
+    np.testing.assert_allclose(augment._jitter_step(x[2:3], order[2:3, 1],
+                                                    *[v[2:3] for v in params[3:]]),
+                               augment._jitter_step(x, order[:, 1], *params[3:])[2:3], atol=1e-6)
+
+
+def test_colour_ops_are_tfs_saturation_and_hue_kernels():
+    x = tf.concat([tf.random.stateless_uniform([6, 16, 16, 3], [4, 5]),
+                   tf.fill([1, 16, 16, 3], 0.5), tf.zeros([1, 16, 16, 3])], 0)
+    for factor in (0.2, 0.9, 1.7):
+        np.testing.assert_allclose(tf.stack(augment._saturate(augment._planes(x), factor), -1),
+                                   tf.image.adjust_saturation(x, factor), atol=2e-6)
+    for delta in (-0.2, -0.03, 0.1, 0.2):
+        np.testing.assert_allclose(tf.stack(augment._shift_hue(augment._planes(x),
+                                                               tf.constant(delta)), -1),
+                                   tf.image.adjust_hue(x, delta), atol=2e-6)
 
 
 def test_the_picture_command_writes_a_grid_of_pairs(sample_dir, tmp_path):
@@ -197,3 +265,25 @@ def test_the_picture_command_writes_a_grid_of_pairs(sample_dir, tmp_path):
                    '--scale', '1'])
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 * 34 + 4, 2 * 3 * 34 + 4, 3)  # 2 x 2 cells of 3 padded images
+
+
+def test_a_crop_mirrored_before_the_resize_is_the_resized_crop_mirrored():
+    image = tf.cast(tf.random.stateless_uniform([40, 50, 3], [6, 6], 0, 256, tf.int32), tf.uint8)
+    box = tf.constant([3, 7, 30, 33])
+    plain = augment.resized_crop(image, box, 24)
+    np.testing.assert_allclose(augment.resized_crop(image, box, 24, tf.constant(True)),
+                               plain[:, ::-1], atol=1e-4)
+    np.testing.assert_array_equal(augment.resized_crop(image, box, 24, tf.constant(False)), plain)
+
+
+def test_single_compiled_crop_draws_as_the_authors_tf_op():
+    # The input pipeline draws each image's boxes with the XLA-compiled sampler, one call each.
+    n = 20000
+    draw = tf.function(augment.sample_crops, jit_compile=True, autograph=False)
+    seeds = tf.random.experimental.stateless_split(tf.constant([9, 0], tf.int64), n)
+    ours = tf.function(lambda s: tf.map_fn(lambda x: draw(375, 500, 1, x)[0], s,
+                                           fn_output_signature=tf.int32))(seeds).numpy()
+    ours = _crop_stats(ours, 375, 500)
+    theirs = _crop_stats(_authors_crops(375, 500, n, seed=3), 375, 500)
+    for key in ('area', 'aspect', 'top', 'left'):
+        assert _ks(ours[key], theirs[key]) < 0.02, key

@@ -73,6 +73,27 @@ def test_a_seed_fixes_the_stream_and_a_resumed_stream_continues_it(config):
     assert not np.allclose(other[0], stream[0])
 
 
+def _epochs(cfg: Config, n: int, start_step: int = 0, epochs: int = 2) -> list[list[bytes]]:
+    """The examples of whole epochs of n examples as the stream yields them (one view each,
+    made by the deterministic Sobel op, so equal bytes are the same example)."""
+    steps = epochs * n // B - start_step
+    rows = [row.tobytes() for batch in batches(data.build_dataset(cfg, True, start_step=start_step),
+                                               steps) for row in batch]
+    return [rows[k:k + n] for k in range(0, len(rows), n)]
+
+
+def test_every_epoch_is_a_fresh_permutation_of_a_folder_and_resumes_exactly(config):
+    cfg = config.replace(train_split='train[:4%]', augmentations='sobel')  # 40: 5 batches
+    first, second = _epochs(cfg, 40)
+    assert sorted(first) == sorted(second) and len(set(first)) == 40
+    assert first != second
+    # A full permutation, not a window: epoch 2's first batch comes from all over epoch 1.
+    positions = sorted(first.index(x) for x in second[:B])
+    assert positions[-1] - positions[0] > 2 * B
+    np.testing.assert_array_equal(_epochs(cfg, 40, start_step=3, epochs=2)[0][:B],
+                                  (first + second)[3 * B:4 * B])
+
+
 def test_two_replicas_partition_the_global_batch(config, two_replicas):
     global_batch = config.replace(train_batch_size=2 * B, eval_batch_size=2 * B,
                                   train_split='train[:20%]')
@@ -169,18 +190,20 @@ def test_grey_rgba_and_odd_sizes_are_converted(config, tmp_path, jpeg, monkeypat
         Image.fromarray(rgb).convert('L').save(root / split / 'x' / 'grey.png')
         Image.fromarray(rgb).convert('RGBA').save(root / split / 'x' / 'rgba.png')
         Image.fromarray(rgb).resize((45, 27)).save(root / split / 'y' / 'odd.jpg')
+        Image.fromarray(rgb).resize((40, 30)).convert('CMYK').save(root / split / 'y' / 'cmyk.jpg')
+        Image.fromarray(rgb).resize((36, 48)).convert('L').save(root / split / 'x' / 'grey.jpg')
         Image.fromarray(rgb).save(root / split / 'y' / 'rgb.jpg')
     cfg = config.replace(dataset=str(root))
     for training in (True, False):
         images, _ = next(iter(data.build_dataset(cfg, training)))
-        assert images.shape == ((B, 32, 32, 6) if training else (4, 32, 32, 3))
+        assert images.shape == ((B, 32, 32, 6) if training else (6, 32, 32, 3))
     grey = next(iter(data.examples(cfg, 'test')))  # decoded as RGB
     assert grey[0].shape[-1] == 3
     # A folder taken for one size (from a sample of headers) resizes a stray odd image.
     monkeypatch.setattr(data, '_SIZE_SAMPLE', 1)
     data._source.cache_clear()
     images, _ = next(iter(data.build_dataset(cfg.replace(cache_dataset=True), False)))
-    assert images.shape == (4, 32, 32, 3)  # the split's 4 images
+    assert images.shape == (6, 32, 32, 3)  # the split's 6 images
 
 
 def test_tfds_errors(config, tmp_path):
@@ -212,7 +235,8 @@ class TinyGreyImages(tfds.core.GeneratorBasedBuilder):
 
 
 def test_a_tfds_dataset(config, tmp_path):
-    TinyGreyImages(data_dir=str(tmp_path)).download_and_prepare()
+    TinyGreyImages(data_dir=str(tmp_path)).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(num_shards=4))
     cfg = config.replace(dataset='tiny_grey_images', data_dir=str(tmp_path), train_split='train')
     assert data.dataset_info(cfg) == data.DatasetInfo(3, 40, 10, ('p', 'q', 'r'))
     half = data.dataset_info(cfg.replace(train_split='train[:50%]'), need_eval=False)
@@ -227,6 +251,18 @@ def test_a_tfds_dataset(config, tmp_path):
     sizes = [int(x.shape[0]) for x, _ in data.build_dataset(cfg, False)]
     assert sizes == [8, 2]
     _assert_pipelines_split_the_examples(cfg, 10)
+    # Each epoch reads the 4 files in a fresh order, seeded: resumption sees the same batches.
+    ordered = cfg.replace(augmentations='sobel')
+    first, second = _epochs(ordered, 40)
+    assert sorted(first) == sorted(second) and len(set(first)) == 40 and first != second
+    resumed = [row.tobytes() for batch in batches(
+        data.build_dataset(ordered, True, start_step=6), 2) for row in batch]
+    assert resumed == second[8:24]
+    # The natural order (eval) is the split's, as TFDS reads it.
+    ours = [x.numpy().tobytes() for x, _ in data.examples(cfg, 'train')]
+    theirs = [np.repeat(x.numpy(), 3, axis=-1).tobytes() for x, _ in tfds.load(
+        'tiny_grey_images', data_dir=str(tmp_path), split='train', as_supervised=True)]
+    assert ours == theirs
 
 
 def _assert_pipelines_split_the_examples(cfg: Config, total: int):
@@ -247,3 +283,30 @@ def test_a_quarter_turn_before_the_crop_of_non_square_images(config, tmp_path, j
     cfg = config.replace(dataset=root, augmentations='rotate,crop,color')
     images, _ = next(iter(data.build_dataset(cfg, True)))
     assert images.shape == (B, 32, 32, 6)
+
+
+@pytest.mark.parametrize('boxes', [[[10, 20, 40, 50], [30, 5, 20, 60]],  # window < half: cut
+                                   [[0, 0, 120, 150], [100, 100, 80, 90]]])  # whole decode
+def test_crops_decoded_from_a_jpeg_window_are_the_crops_of_the_whole_image(jpeg, tmp_path,
+                                                                            boxes):
+    path = tmp_path / 'big.jpg'
+    Image.open(jpeg).resize((200, 180)).save(path, quality=95)
+    encoded = tf.io.read_file(str(path))
+    whole = data.decode_image(encoded).numpy().astype(int)
+    asked = []
+
+    def draw(height, width):
+        asked.append((int(height), int(width)))
+        return tf.constant(boxes)
+
+    pixels, shifted = data.decode_crops(encoded, draw)
+    assert asked == [(180, 200)]  # from the header
+    for (t, l, h, w), (t2, l2, h2, w2) in zip(boxes, shifted.numpy()):
+        assert (h2, w2) == (h, w)
+        cut = pixels.numpy()[t2:t2 + h, l2:l2 + w].astype(int)
+        assert np.abs(cut - whole[t:t + h, l:l + w]).max() <= 3  # libjpeg's edge upsampling
+    png = tmp_path / 'big.png'
+    Image.open(path).save(png)
+    pixels, same = data.decode_crops(tf.io.read_file(str(png)), draw)
+    np.testing.assert_array_equal(same, boxes)
+    assert pixels.shape == (180, 200, 3)

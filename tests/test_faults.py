@@ -342,6 +342,24 @@ def test_corrupt_jpegs_in_training_are_named_counted_replaced_and_resumption_sta
         np.testing.assert_array_equal(a, b)
 
 
+def test_corrupt_jpegs_among_photographs_of_mixed_sizes_are_replaced_too(tmp_path, sample_dir,
+                                                                         caplog):
+    # Images of mixed sizes take the per-image path that decodes only the crops' window (so the
+    # file with garbage mid-scan fails only when a window reaches the garbage).
+    folder, bad = _corrupt_folder(tmp_path / 'data', sample_dir)
+    for path in sorted((folder / 'train' / 'cat').glob('*.jpg'))[1:]:  # keep the corrupt 0000
+        image = tf.image.resize(tf.io.decode_jpeg(path.read_bytes()), (48, 40))
+        path.write_bytes(tf.io.encode_jpeg(tf.cast(image, tf.uint8)).numpy())
+    config = _config(tmp_path / 'run', folder, train_steps=2, checkpoint_steps=2)
+    assert data._source(str(folder), None).common_size('train') is None
+    before = data.undecodable_count()
+    with caplog.at_level(logging.WARNING):
+        batches = [x.numpy() for x, _ in data.build_dataset(config, True).take(2)]
+    assert data.undecodable_count() - before >= 1
+    assert caplog.text.count(f'cannot decode {bad[0]}') == 1  # the height-0 header
+    assert all(b.shape == (8, 16, 16, 6) and np.isfinite(b).all() for b in batches)
+
+
 # ------------------------------------------------------------------ signals
 def test_sigterm_stops_within_one_step_of_a_long_loop(tmp_path, sample_dir, monkeypatch):
     """Steps of 1 s, 30 steps in one loop: SIGTERM mid-loop saves and returns after about one
