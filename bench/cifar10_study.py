@@ -7,7 +7,8 @@ them and records commands, wall times and results in one JSON file.
         [--out=bench/results/cifar10_study.json]
 
 Stages:
-  pretrain     run.py --flagfile=flags/cifar10_study.cfg (train_then_eval: linear head + kNN, export)
+  pretrain     run.py --flagfile=flags/cifar10_main.cfg (the 90-minute main run; train_then_eval:
+               linear head + kNN, export)
   curve        run.py --mode=eval on the kept checkpoints: kNN / linear-head accuracy over steps
   probe        python -m simclr_tf.probe on the SimCLR checkpoint, the same encoder randomly
                initialised, and raw pixels: kNN (plain and mean-centred) and the linear classifier
@@ -59,8 +60,10 @@ def main() -> None:
     parser.add_argument('--data', required=True, help='cifar10-jpg.tar.gz or its extracted folder')
     parser.add_argument('--work', default='/tmp/simclr_study')
     parser.add_argument('--stages', default='pretrain,curve,probe,' + ','.join(ABLATIONS))
+    parser.add_argument('--main_flagfile', default='flags/cifar10_main.cfg',
+                        help='the main run (pretrain, curve, probe stages)')
     parser.add_argument('--flagfile', default='flags/cifar10_study.cfg',
-                        help='the study recipe every run starts from (arms add their flags)')
+                        help='the recipe every ablation arm starts from (arms add their flags)')
     parser.add_argument('--arm_steps', type=int, default=390,
                         help='pretraining steps of each ablation arm (390: one epoch at batch 128)')
     parser.add_argument('--arm_probe_split', default='train[:10000]',
@@ -75,37 +78,62 @@ def main() -> None:
     data = dataset_folder(args.data, args.work)
     study = Study(args.out, data, args.work)
     python = sys.executable
+    main_run = [python, 'run.py', f'--flagfile={args.main_flagfile}', f'--dataset={data}']
     run = [python, 'run.py', f'--flagfile={args.flagfile}', f'--dataset={data}']
     probe = [python, '-m', 'simclr_tf.probe', f'--dataset={data}']
     simclr_dir = os.path.join(args.work, 'simclr')
     stages = args.stages.split(',')
     if 'pretrain' in stages:
-        study.step('pretrain', run + [f'--model_dir={simclr_dir}'],
+        study.step('pretrain', main_run + [f'--model_dir={simclr_dir}'],
                    os.path.join(simclr_dir, 'result.json'))
     if 'curve' in stages:
-        study.step('curve', run + [f'--model_dir={simclr_dir}', '--mode=eval'],
+        study.step('curve', main_run + [f'--model_dir={simclr_dir}', '--mode=eval'],
                    collect=lambda: sorted(
                        (json.load(open(os.path.join(simclr_dir, f))) for f in os.listdir(simclr_dir)
-                        if f.startswith('result_')), key=lambda r: r['global_step']))
+                        if f.startswith('result_')), key=lambda r: r['global_step']),
+                   after=('pretrain',))
     if 'probe' in stages:
         for name, extra in (('probe_simclr', [f'--model={simclr_dir}']),
                             ('probe_random_init', [f'--model={simclr_dir}', '--random_init']),
                             ('probe_pixels', ['--pixels', '--image_size=32'])):
             out = os.path.join(args.work, f'{name}.json')
-            study.step(name, probe + extra + [f'--out={out}'], out)
+            study.step(name, probe + extra + [f'--out={out}'], out,
+                       after=() if name == 'probe_pixels' else ('pretrain',))
+    recipe = flagfile_values(os.path.join(REPO, args.flagfile))
+    arms_record = {}
     for stage, arms in ABLATIONS.items():
         if stage not in stages:
             continue
         for name, extra, outputs in arms:
-            model_dir = os.path.join(args.work, name)
-            study.step(name, run + [f'--model_dir={model_dir}', f'--train_steps={args.arm_steps}',
-                                    '--mode=train', *extra])
+            changed, train = arm_run(extra, recipe)
+            model_dir = os.path.join(args.work, train)
+            study.step(train, run + [f'--model_dir={model_dir}', f'--train_steps={args.arm_steps}',
+                                     '--mode=train', *changed])
+            probes = {}
             for output in outputs:
-                probe_name = f'probe_{name}' + ('' if output == H else '_z')
-                out = os.path.join(args.work, f'{probe_name}.json')
-                study.step(probe_name, probe + [f'--model={model_dir}', f'--output={output}',
-                                                f'--train_split={args.arm_probe_split}',
-                                                f'--out={out}'], out)
+                probes[output] = f'probe_{train}' + ('' if output == H else '_z')
+                out = os.path.join(args.work, f'{probes[output]}.json')
+                study.step(probes[output], probe + [
+                    f'--model={model_dir}', f'--output={output}',
+                    f'--train_split={args.arm_probe_split}', f'--out={out}'], out, after=(train,))
+            arms_record[name] = {'stage': stage, 'train': train, 'probes': probes}
+    if arms_record:
+        study.note('arms', arms_record)
+
+
+def arm_run(extra: list[str], recipe: dict[str, str]) -> tuple[list[str], str]:
+    """The flags an arm changes from the recipe, and the name of its training run. Arms that
+    differ from the recipe only in values it already has (temperature 0.5 in the temperature,
+    loss and colour stages) are one run, trained and probed once."""
+    changed = [f for f in extra if recipe.get(f.split('=')[0]) != f.split('=', 1)[1]]
+    return changed, 'arm_' + ('_'.join(f.lstrip('-').replace('=', '_').replace(',', '_')
+                                       for f in changed) or 'recipe')
+
+
+def flagfile_values(path: str) -> dict[str, str]:
+    """'--name' -> value of each --name=value line of a flagfile."""
+    lines = (line.strip() for line in open(path))
+    return dict(line.split('=', 1) for line in lines if line.startswith('--') and '=' in line)
 
 
 class Study:
@@ -115,12 +143,16 @@ class Study:
         self.path, self.data, self.work = path, data, work
         self.record = json.load(open(path)) if os.path.exists(path) else {}
 
-    def step(self, name: str, argv: list[str], result_file: str = None, collect=None) -> None:
-        """Runs `argv` unless the record already holds its result for this very command."""
+    def step(self, name: str, argv: list[str], result_file: str = None, collect=None,
+             after: tuple[str, ...] = ()) -> None:
+        """Runs `argv` unless the record already holds its result for this very command, made
+        after the very steps (by command) named in `after` (the run it evaluates)."""
         command = ' '.join(map(shlex.quote, argv))
         shown = command.replace(self.data, '<cifar10>').replace(self.work, '<work>')
+        inputs = {dep: self.record.get(dep, {}).get('command') for dep in after}
         done = self.record.get(name, {})
-        if done.get('command') == shown and ('result' in done or 'results' in done):
+        if (done.get('command') == shown and done.get('after', {}) == inputs
+                and ('result' in done or 'results' in done)):
             print(f'== {name}: done, skipped', flush=True)
             return
         print(f'== {name}: {command}', flush=True)
@@ -130,18 +162,24 @@ class Study:
             sys.exit(f'{name} failed (exit {proc.returncode}): {command}\n'
                      'Rerun the same command to resume.')
         entry = {'command': shown, 'wall_minutes': round((time.time() - t0) / 60, 2)}
+        if inputs:
+            entry['after'] = inputs
         if result_file:
             entry['result'] = json.load(open(result_file))
         if collect:
             entry['results'] = collect()
         if not (result_file or collect):
             entry['result'] = {'exit': 0}  # a training step: done when it exits 0
+        self.note(name, entry)
+        print(json.dumps(entry), flush=True)
+
+    def note(self, name: str, entry: dict) -> None:
+        """Sets the record's `name` and writes the record (never half-written)."""
         self.record[name] = entry
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        with open(self.path + '.tmp', 'w') as f:  # never a half-written record
+        with open(self.path + '.tmp', 'w') as f:
             json.dump(self.record, f, indent=2, sort_keys=True)
         os.replace(self.path + '.tmp', self.path)
-        print(json.dumps(entry), flush=True)
 
 
 def dataset_folder(path: str, work: str) -> str:

@@ -1,12 +1,13 @@
-"""The README's result plots from a study's model_dir and its JSON record.
+"""The README's result plots and tables from a study's model_dir and its JSON record.
 
     pip install matplotlib==3.11.2
     python bench/plots.py --model_dir=/tmp/simclr_study/simclr \\
         --study=bench/results/cifar10_study.json --out=docs
 
-Writes docs/cifar10_training.png (training loss, contrastive accuracy, kNN and linear-head
-accuracy over steps, from the TensorBoard events and result_<step>.json files) and
-docs/cifar10_augmentations.png (the augmentation study) and prints the Markdown tables.
+Writes docs/cifar10_training.png (the main run: training loss, contrastive accuracy, and test
+accuracy over steps from the TensorBoard events and result_<step>.json files, with the
+baselines) and docs/cifar10_<stage>.png, one chart per ablation stage of the record's arms, and
+prints the Markdown tables.
 """
 
 import argparse
@@ -19,6 +20,15 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+H, Z = 'final_avg_pool', 'proj_head_output'
+COLUMNS = (('knn200_top_1_accuracy', 'kNN k=200'), ('knn200_centred_top_1_accuracy',
+                                                     'kNN k=200 centred'),
+           ('knn20_top_1_accuracy', 'kNN k=20'), ('knn20_centred_top_1_accuracy',
+                                                  'kNN k=20 centred'),
+           ('linear_top_1_accuracy', 'linear'))
+BASELINES = (('probe_simclr', 'SimCLR (main run)'), ('probe_random_init', 'same encoder, random init'),
+             ('probe_pixels', 'raw pixels'))
 
 
 def scalars(model_dir: str, tags: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
@@ -33,6 +43,11 @@ def scalars(model_dir: str, tags: tuple[str, ...]) -> dict[str, list[tuple[int, 
     return {t: sorted(dict(v).items()) for t, v in out.items()}
 
 
+def best_knn(result: dict) -> float:
+    """The better of plain and centred weighted kNN (k = 200)."""
+    return max(result['knn200_top_1_accuracy'], result.get('knn200_centred_top_1_accuracy', 0))
+
+
 def training_plot(model_dir: str, study: dict, path: str) -> None:
     train = scalars(model_dir, ('train/contrast_loss', 'train/contrast_acc'))
     curve = study.get('curve', {}).get('results', [])
@@ -44,37 +59,48 @@ def training_plot(model_dir: str, study: dict, path: str) -> None:
         ax.set_title(title)
         ax.set_xlabel('step')
     steps = [r['global_step'] for r in curve]
-    for key, label in (('eval/knn_top_1_accuracy', 'kNN k=200'),
+    for key, label in (('eval/knn_top_1_accuracy', 'kNN k=200 (10k train bank)'),
                        ('eval/label_top_1_accuracy', 'linear head (stop-gradient)')):
         axes[2].plot(steps, [r[key] for r in curve], marker='o', label=label)
-    for name, label, style in (('probe_random_init', 'random-init encoder, kNN', ':'),
-                               ('probe_pixels', 'raw pixels, kNN', '--')):
+    for name, label, style in (('probe_pixels', 'raw pixels, best kNN', '--'),
+                               ('probe_pixels', 'raw pixels, linear', '-.'),
+                               ('probe_random_init', 'random init, linear', ':')):
         if name in study:
-            axes[2].axhline(study[name]['result']['knn200_top_1_accuracy'], ls=style, c='grey',
-                            label=label)
+            r = study[name]['result']
+            value = best_knn(r) if 'kNN' in label else r['linear_top_1_accuracy']
+            axes[2].axhline(value, ls=style, c='grey', label=label)
     axes[2].set_title('CIFAR-10 test top-1')
     axes[2].set_xlabel('step')
-    axes[2].legend(fontsize=8)
+    axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def augmentation_plot(study: dict, path: str) -> list[str]:
-    names = sorted(k for k in study if k.startswith('probe_augment_'))
-    labels = [n[len('probe_augment_'):].replace('_', '+') for n in names]
-    knn = [study[n]['result']['knn200_top_1_accuracy'] for n in names]
-    linear = [study[n]['result']['linear_top_1_accuracy'] for n in names]
-    x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    ax.bar(x - 0.2, knn, 0.4, label='kNN k=200')
+def table(rows: list[tuple[str, dict]]) -> list[str]:
+    lines = ['| features | ' + ' | '.join(c[1] for c in COLUMNS) + ' |',
+             '|---' * (len(COLUMNS) + 1) + '|']
+    for label, r in rows:
+        lines.append(f'| {label} | ' + ' | '.join(
+            f'{r[k]:.3f}' if k in r else '–' for k, _ in COLUMNS) + ' |')
+    return lines
+
+
+def ablation_plot(stage: str, arms: list[tuple[str, str, dict]], path: str) -> None:
+    """Bars of best kNN and linear accuracy for each (arm, output) of one stage."""
+    labels = [f'{arm}' + (' (z)' if output == Z else '') for arm, output, _ in arms]
+    knn = [best_knn(r) for _, _, r in arms]
+    linear = [r['linear_top_1_accuracy'] for _, _, r in arms]
+    x = np.arange(len(arms))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 * len(arms)), 3.4))
+    ax.bar(x - 0.2, knn, 0.4, label='kNN k=200 (better of plain / centred)')
     ax.bar(x + 0.2, linear, 0.4, label='linear')
-    ax.set_xticks(x, labels)
+    ax.set_xticks(x, labels, rotation=30 if len(arms) > 5 else 0, ha='right' if len(arms) > 5
+                  else 'center', fontsize=8)
     ax.set_ylabel('CIFAR-10 test top-1')
-    ax.set_title('augmentations of a view (same budget each)')
-    ax.legend(fontsize=8)
+    ax.set_title(f'{stage}: same budget and seed for each arm')
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    return [f'| {l} | {k:.3f} | {v:.3f} |' for l, k, v in zip(labels, knn, linear)]
 
 
 def main() -> None:
@@ -85,17 +111,21 @@ def main() -> None:
     args = parser.parse_args()
     study = json.load(open(args.study))
     os.makedirs(args.out, exist_ok=True)
-    training_plot(args.model_dir, study, os.path.join(args.out, 'cifar10_training.png'))
-    print('| features | kNN k=200 | kNN k=20 | linear |')
-    for name in ('probe_simclr', 'probe_random_init', 'probe_pixels'):
-        if name in study:
-            r = study[name]['result']
-            print(f'| {name[6:]} | {r["knn200_top_1_accuracy"]:.3f} | '
-                  f'{r["knn20_top_1_accuracy"]:.3f} | {r["linear_top_1_accuracy"]:.3f} |')
-    if any(k.startswith('probe_augment_') for k in study):
-        print('| augmentations | kNN k=200 | linear |')
-        print('\n'.join(augmentation_plot(study, os.path.join(args.out,
-                                                               'cifar10_augmentations.png'))))
+    if 'curve' in study:
+        training_plot(args.model_dir, study, os.path.join(args.out, 'cifar10_training.png'))
+    print('\n'.join(table([(label, study[name]['result']) for name, label in BASELINES
+                           if name in study])))
+    stages: dict[str, list] = {}
+    for arm, entry in study.get('arms', {}).items():
+        for output, probe in entry['probes'].items():
+            if probe in study:
+                stages.setdefault(entry['stage'], []).append(
+                    (arm, output, study[probe]['result']))
+    for stage, arms in stages.items():
+        print(f'\n{stage}:')
+        print('\n'.join(table([(arm + (' (z)' if output == Z else ''), r)
+                               for arm, output, r in arms])))
+        ablation_plot(stage, arms, os.path.join(args.out, f'cifar10_{stage}.png'))
 
 
 if __name__ == '__main__':

@@ -48,6 +48,39 @@ def test_study_step_records_once_and_a_rerun_skips_what_is_done(tmp_path):
     assert count.read_text() == 'xx'
 
 
+def test_study_reruns_an_evaluation_when_the_run_it_evaluates_changed(tmp_path):
+    import cifar10_study
+    record, out = tmp_path / 'record.json', tmp_path / 'out.json'
+    count = tmp_path / 'count'
+    count.write_text('')
+    script = (f'import json; open({str(count)!r}, "a").write("x"); '
+              f'json.dump({{"top_1": 0.5}}, open({str(out)!r}, "w"))')
+    train = [sys.executable, '-c', 'pass']
+    probe = [sys.executable, '-c', script]
+    study = cifar10_study.Study(str(record), '/data', str(tmp_path))
+    study.step('train', train)
+    study.step('probe', probe, str(out), after=('train',))
+    study.step('probe', probe, str(out), after=('train',))
+    assert count.read_text() == 'x'
+    study.step('train', train + ['--longer'])  # the run it evaluates is another run now
+    study.step('probe', probe, str(out), after=('train',))
+    assert count.read_text() == 'xx'
+
+
+def test_study_arms_equal_to_the_recipe_are_one_run():
+    import cifar10_study
+    recipe = {'--temperature': '0.5', '--proj_head_mode': 'nonlinear'}
+    assert cifar10_study.arm_run(['--temperature=0.5'], recipe) == ([], 'arm_recipe')
+    assert cifar10_study.arm_run(['--proj_head_mode=nonlinear'], recipe) == ([], 'arm_recipe')
+    assert cifar10_study.arm_run(['--contrastive_loss=nt_logistic', '--temperature=0.5'],
+                                 recipe) == (['--contrastive_loss=nt_logistic'],
+                                             'arm_contrastive_loss_nt_logistic')
+    names = {cifar10_study.arm_run(extra, cifar10_study.flagfile_values(
+        os.path.join(REPO, 'flags', 'cifar10_study.cfg')))[1]
+        for arms in cifar10_study.ABLATIONS.values() for _, extra, _ in arms}
+    assert len(names) == 16  # 23 arms, 16 distinct runs under the study recipe
+
+
 def test_program_runs_reads_progress_lines_after_the_first():
     import program_runs
     log = ('I1123 train.py:241] step 20/60 | loss 1.0 | 66.8 img/s | ETA 00:01:54\n'
