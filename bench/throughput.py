@@ -35,6 +35,9 @@ flags.DEFINE_string('extract', None, 'tar.gz to extract into --dataset first if 
 flags.DEFINE_integer('program_steps', 0, 'Also run run.py itself for this many steps, seeded and '
                      'unseeded (bench/program_runs.py); 0: skip.')
 flags.DEFINE_integer('program_rounds', 2, 'Alternating seeded/unseeded run.py runs of each kind.')
+flags.DEFINE_boolean('program_concurrent', False, 'Run the seeded and unseeded run.py at the same '
+                     'time, each pinned to half of the cores (robust to other load; '
+                     'bench/program_runs.py).')
 FLAGS = flags.FLAGS
 
 
@@ -54,7 +57,7 @@ def main(argv) -> None:
     if FLAGS.program_steps:  # before this process builds a model, so the runs have the machine
         import program_runs
         program = program_runs.compare_seeding(config, FLAGS.program_steps, FLAGS.bench_steps,
-                                               FLAGS.program_rounds)
+                                               FLAGS.program_rounds, FLAGS.program_concurrent)
     config = config.replace(mode='train')
     step = training_step.build(config)
     loop, synthetic = step.loop, step.synthetic
