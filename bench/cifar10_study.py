@@ -10,8 +10,9 @@ Stages:
   pretrain     run.py --flagfile=flags/cifar10_main.cfg (the 90-minute main run; train_then_eval:
                linear head + kNN, export)
   curve        run.py --mode=eval on the kept checkpoints: kNN / linear-head accuracy over steps
-  probe        python -m simclr_tf.probe on the SimCLR checkpoint, the same encoder randomly
-               initialised, and raw pixels: kNN (plain and mean-centred) and the linear classifier
+  probe        python -m simclr_tf.probe on the SimCLR checkpoint and the same encoder randomly
+               initialised: kNN (plain and mean-centred) and the linear classifier
+  pixels       the same probe on raw pixels
   head         projection head none / linear / nonlinear, each probed on h and on z (Figure 8)
   loss         NT-Xent / NT-Logistic / margin triplet, each over a small temperature or margin
                sweep (Table 2)
@@ -21,8 +22,9 @@ Stages:
 Every ablation arm pretrains for --arm_steps with the study's flags and seed, then is probed with
 kNN and linear fitted on --arm_probe_split and tested on the whole test split.
 
-Rerunning resumes: a step whose command already has a result in --out is skipped, and a
-pretraining step that was interrupted continues from the checkpoints in its model_dir.
+Rerunning resumes: a step whose command already has a result in --out (after the same run, for
+an evaluation) is skipped, and a pretraining step that was interrupted continues from the
+checkpoints in its model_dir. Drivers of different stages may run at once on one --out.
 The data (a tar.gz of train|test/<class>/*.jpg, or that folder) is extracted next to --work.
 """
 
@@ -59,7 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--data', required=True, help='cifar10-jpg.tar.gz or its extracted folder')
     parser.add_argument('--work', default='/tmp/simclr_study')
-    parser.add_argument('--stages', default='pretrain,curve,probe,' + ','.join(ABLATIONS))
+    parser.add_argument('--stages', default='pretrain,curve,probe,pixels,' + ','.join(ABLATIONS))
     parser.add_argument('--main_flagfile', default='flags/cifar10_main.cfg',
                         help='the main run (pretrain, curve, probe stages)')
     parser.add_argument('--flagfile', default='flags/cifar10_study.cfg',
@@ -71,7 +73,7 @@ def main() -> None:
     parser.add_argument('--out', default=os.path.join(REPO, 'bench', 'results',
                                                       'cifar10_study.json'))
     args = parser.parse_args()
-    unknown = set(args.stages.split(',')) - {'pretrain', 'curve', 'probe', *ABLATIONS}
+    unknown = set(args.stages.split(',')) - {'pretrain', 'curve', 'probe', 'pixels', *ABLATIONS}
     if unknown:
         parser.error(f'unknown stages: {", ".join(sorted(unknown))}')
     os.makedirs(args.work, exist_ok=True)
@@ -94,11 +96,12 @@ def main() -> None:
                    after=('pretrain',))
     if 'probe' in stages:
         for name, extra in (('probe_simclr', [f'--model={simclr_dir}']),
-                            ('probe_random_init', [f'--model={simclr_dir}', '--random_init']),
-                            ('probe_pixels', ['--pixels', '--image_size=32'])):
+                            ('probe_random_init', [f'--model={simclr_dir}', '--random_init'])):
             out = os.path.join(args.work, f'{name}.json')
-            study.step(name, probe + extra + [f'--out={out}'], out,
-                       after=() if name == 'probe_pixels' else ('pretrain',))
+            study.step(name, probe + extra + [f'--out={out}'], out, after=('pretrain',))
+    if 'pixels' in stages:
+        out = os.path.join(args.work, 'probe_pixels.json')
+        study.step('probe_pixels', probe + ['--pixels', '--image_size=32', f'--out={out}'], out)
     recipe = flagfile_values(os.path.join(REPO, args.flagfile))
     arms_record = {}
     for stage, arms in ABLATIONS.items():
@@ -141,7 +144,11 @@ class Study:
 
     def __init__(self, path: str, data: str, work: str):
         self.path, self.data, self.work = path, data, work
-        self.record = json.load(open(path)) if os.path.exists(path) else {}
+
+    @property
+    def record(self) -> dict:
+        # Read afresh each time: drivers of other stages may run at the same time.
+        return json.load(open(self.path)) if os.path.exists(self.path) else {}
 
     def step(self, name: str, argv: list[str], result_file: str = None, collect=None,
              after: tuple[str, ...] = ()) -> None:
@@ -149,8 +156,9 @@ class Study:
         after the very steps (by command) named in `after` (the run it evaluates)."""
         command = ' '.join(map(shlex.quote, argv))
         shown = command.replace(self.data, '<cifar10>').replace(self.work, '<work>')
-        inputs = {dep: self.record.get(dep, {}).get('command') for dep in after}
-        done = self.record.get(name, {})
+        record = self.record
+        inputs = {dep: record.get(dep, {}).get('command') for dep in after}
+        done = record.get(name, {})
         if (done.get('command') == shown and done.get('after', {}) == inputs
                 and ('result' in done or 'results' in done)):
             print(f'== {name}: done, skipped', flush=True)
@@ -175,11 +183,13 @@ class Study:
 
     def note(self, name: str, entry: dict) -> None:
         """Sets the record's `name` and writes the record (never half-written)."""
-        self.record[name] = entry
+        record = self.record
+        record[name] = entry
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        with open(self.path + '.tmp', 'w') as f:
-            json.dump(self.record, f, indent=2, sort_keys=True)
-        os.replace(self.path + '.tmp', self.path)
+        tmp = f'{self.path}.{os.getpid()}.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+        os.replace(tmp, self.path)
 
 
 def dataset_folder(path: str, work: str) -> str:
