@@ -103,7 +103,6 @@ def main() -> None:
         out = os.path.join(args.work, 'probe_pixels.json')
         study.step('probe_pixels', probe + ['--pixels', '--image_size=32', f'--out={out}'], out)
     recipe = flagfile_values(os.path.join(REPO, args.flagfile))
-    arms_record = {}
     for stage, arms in ABLATIONS.items():
         if stage not in stages:
             continue
@@ -119,9 +118,9 @@ def main() -> None:
                 study.step(probes[output], probe + [
                     f'--model={model_dir}', f'--output={output}',
                     f'--train_split={args.arm_probe_split}', f'--out={out}'], out, after=(train,))
-            arms_record[name] = {'stage': stage, 'train': train, 'probes': probes}
-    if arms_record:
-        study.note('arms', arms_record)
+            # The index of arms, updated arm by arm and merged: other drivers may add theirs.
+            study.note('arms', {**study.record.get('arms', {}),
+                                name: {'stage': stage, 'train': train, 'probes': probes}})
 
 
 def arm_run(extra: list[str], recipe: dict[str, str]) -> tuple[list[str], str]:

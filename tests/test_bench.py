@@ -67,6 +67,18 @@ def test_study_reruns_an_evaluation_when_the_run_it_evaluates_changed(tmp_path):
     assert count.read_text() == 'xx'
 
 
+def test_study_notes_merge_with_what_other_drivers_wrote(tmp_path):
+    import cifar10_study
+    record = tmp_path / 'record.json'
+    one = cifar10_study.Study(str(record), '/data', str(tmp_path))
+    other = cifar10_study.Study(str(record), '/data', str(tmp_path))  # another driver, same file
+    one.note('arms', {'head_none': {'stage': 'head'}})
+    other.note('probe_pixels', {'result': {}})
+    one.note('arms', {**one.record['arms'], 'color_0.0': {'stage': 'color'}})
+    assert set(json.loads(record.read_text())) == {'arms', 'probe_pixels'}
+    assert set(json.loads(record.read_text())['arms']) == {'head_none', 'color_0.0'}
+
+
 def test_study_arms_equal_to_the_recipe_are_one_run():
     import cifar10_study
     recipe = {'--temperature': '0.5', '--proj_head_mode': 'nonlinear'}
