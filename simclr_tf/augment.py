@@ -161,16 +161,17 @@ def crop_and_resize(images: tf.Tensor, boxes: tf.Tensor, size: int) -> tf.Tensor
 
 
 def resized_crop(image: tf.Tensor, box: tf.Tensor, size: int,
-                 flip: Optional[tf.Tensor] = None) -> tf.Tensor:
+                 flip: Optional[tf.Tensor] = None, rescale: bool = True) -> tf.Tensor:
     """The box (top, left, height, width) of one image [H, W, 3] (uint8 or float in [0, 1]),
     resized to size x size with tf.image.resize's bicubic (the authors' resize): float32.
     With `flip` (a bool) mirrored first where true: the same as mirroring the resized crop (the
-    resize is symmetric), on the smaller uint8 window."""
+    resize is symmetric), on the smaller uint8 window. rescale=False leaves a uint8 image's
+    crop in [0, 255] (`finish_view` scales it inside its program, saving a pass)."""
     window = tf.slice(image, tf.stack([box[0], box[1], 0]), tf.stack([box[2], box[3], 3]))
     if flip is not None:
         window = tf.cond(flip, lambda: tf.reverse(window, [1]), lambda: window)
     out = tf.image.resize(window, [size, size], method='bicubic')
-    return out / 255.0 if image.dtype == tf.uint8 else out
+    return out / 255.0 if image.dtype == tf.uint8 and rescale else out
 
 
 def random_resized_crop(images: tf.Tensor, size: int, seed: Seed) -> tf.Tensor:
@@ -270,29 +271,29 @@ def _shift_hue(rgb: list, delta: tf.Tensor) -> list:
     return [channel(5.0), channel(3.0), channel(1.0)]
 
 
+def _jitter_ops(x: list, per: Callable, bright_scale, bright_shift, contrast, saturation,
+                hue) -> list[Callable[[], list]]:
+    """The four jitter ops (0 brightness, 1 contrast, 2 saturation, 3 hue) on colour planes x
+    ([b, H, W] or [H, W] each); `per` broadcasts a per-image parameter over a plane."""
+    return [lambda: [c * per(bright_scale) + per(bright_shift) for c in x],
+            lambda: [c * per(contrast) + tf.reduce_mean(c, axis=[-2, -1], keepdims=True)
+                     * (1.0 - per(contrast)) for c in x],
+            lambda: _saturate(x, per(saturation)),
+            lambda: _shift_hue(x, per(hue))]
+
+
 def _jitter_step(images, op, bright_scale, bright_shift, contrast, saturation, hue):
     """Applies to each image its op of this step (0 brightness, 1 contrast, 2 saturation,
     3 hue) and clips. A batch computes the four ops and keeps each image's own (one program
     for images with different orders); a single image computes only its own. The three colour
     planes are handled apart, not as a channel axis: a compiled step then reads each pixel's
     three values once instead of once per output channel."""
-    def brightness(x):
-        return [c * per(bright_scale) + per(bright_shift) for c in x]
-
-    def contrast_(x):
-        return [c * per(contrast) + tf.reduce_mean(c, axis=[1, 2], keepdims=True)
-                * (1.0 - per(contrast)) for c in x]
-
-    def per(v):
-        return v[:, None, None]
-
-    x = _planes(images)
-    ops = (brightness, contrast_, lambda x: _saturate(x, per(saturation)),
-           lambda x: _shift_hue(x, per(hue)))
+    ops = _jitter_ops(_planes(images), lambda v: v[:, None, None], bright_scale, bright_shift,
+                      contrast, saturation, hue)
     if images.shape[0] == 1:
-        out = tf.switch_case(op[0], [lambda f=f: tf.stack(f(x), -1) for f in ops])
+        out = tf.switch_case(op[0], [lambda f=f: tf.stack(f(), -1) for f in ops])
     else:
-        candidates = [tf.stack(f(x), -1) for f in ops]
+        candidates = [tf.stack(f(), -1) for f in ops]
         out = candidates[3]
         for k in (2, 1, 0):
             out = _select(op == k, candidates[k], out)
@@ -326,6 +327,43 @@ def _select_then_gray(jitter: tf.Tensor, gray: tf.Tensor, jittered: tf.Tensor,
                       images: tf.Tensor) -> tf.Tensor:
     images = _select(jitter, jittered, images)
     return _select(gray, to_grayscale(images), images)
+
+
+def _draw_color(seed: Seed, strength: float, brightness: str) -> tuple:
+    """One image's colour-distortion draw: (jitter coin, grey coin, order, parameters)."""
+    jitter, gray, jitter_seed = _color_coins(1, seed)
+    return (jitter, gray) + _jitter_params(1, strength, jitter_seed, brightness)
+
+
+def _finish_color(crop: tf.Tensor, scale: float, jitter, gray, order, *params) -> tf.Tensor:
+    """A resized crop [S, S, 3] in [0, scale] -> [0, 1], clipped, then coloured with a drawn
+    distortion, as `_color` does. Worked on planes [3, S, S] (one transpose in, one out), so
+    each step reads contiguous planes; each step a conditional, whose output XLA keeps."""
+    planes = tf.unstack(tf.clip_by_value(tf.transpose(crop, [2, 0, 1]) / scale, 0.0, 1.0))
+    source = planes
+    scalars = [p[0] for p in params]
+    for k in range(4):
+        ops = _jitter_ops(planes, lambda v: v, *scalars)
+        out = tf.switch_case(order[0, k], [lambda f=f: tf.stack(f()) for f in ops])
+        planes = tf.unstack(tf.clip_by_value(out, 0.0, 1.0))
+    planes = [tf.where(jitter[0], p, s) for p, s in zip(planes, source)]
+    grey = _grey(planes)
+    return tf.transpose(tf.stack([tf.where(gray[0], grey, p) for p in planes]), [1, 2, 0])
+
+
+def finish_view(crop: tf.Tensor, names: Sequence[str], config: Config, seed: Seed,
+                scale: float = 255.0) -> tf.Tensor:
+    """The rest of a view after its crop (and flip), for one resized crop [S, S, 3] in
+    [0, scale] (255: TF's resize of uint8 pixels): scaled to [0, 1] and clipped, then the named
+    ops, compiled; float32 in [0, 1]. With colour alone left (the default pretraining view) one
+    program draws the distortion and another scales, clips and colours the pixels: drawn
+    inside the pixels' program, XLA would redo the draw for every pixel."""
+    if tuple(names) == ('color',) and config.color_jitter_strength > 0:
+        drawn = _xla(_draw_color)(op_seeds(seed)['color'], config.color_jitter_strength,
+                                 config.brightness)
+        return _xla(_finish_color)(crop, scale, *drawn)
+    unit = tf.clip_by_value(crop / scale, 0.0, 1.0)
+    return view(unit[None], names, config, seed, fit=False, jit=True)[0]
 
 
 def _grey(rgb: list) -> tf.Tensor:

@@ -616,14 +616,17 @@ def build_dataset(config: Config, is_training: bool,
             # A flip right after the crop is done on the uint8 window, before the resize.
             flips = [augment.flip_coins(1, augment.op_seeds(seeds[v])['flip'])[0]
                      if tail[:1] == ('flip',) else None for v in range(num_views)]
-            views = [augment.resized_crop(pixels, boxes[v], config.image_size, flips[v])
-                     for v in range(num_views)]
+            # Left in [0, 255]: the view's compiled rest scales it in the same pass.
+            views = [augment.resized_crop(pixels, boxes[v], config.image_size, flips[v],
+                                          rescale=False) for v in range(num_views)]
+            scale = 255.0
         else:
             image = x if decoded else decode(x)
             views = [augment.view(image, head, config, seeds[v]) for v in range(num_views)]
+            scale = 1.0
         rest = tail[1:] if fast_crop and tail[:1] == ('flip',) else tail
-        views = [augment.view(tf.clip_by_value(views[v], 0.0, 1.0)[None], rest, config,
-                              seeds[v], fit=False, jit=True)[0] for v in range(num_views)]
+        views = [augment.finish_view(views[v], rest, config, seeds[v], scale)
+                 for v in range(num_views)]
         return index, (tf.concat(views, axis=-1), label)
 
     def per_batch(index, item):

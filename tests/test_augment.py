@@ -287,3 +287,41 @@ def test_single_compiled_crop_draws_as_the_authors_tf_op():
     theirs = _crop_stats(_authors_crops(375, 500, n, seed=3), 375, 500)
     for key in ('area', 'aspect', 'top', 'left'):
         assert _ks(ours[key], theirs[key]) < 0.02, key
+
+
+def test_a_finished_crop_is_coloured_as_the_batch_code_colours_it():
+    # The per-image path's finish_view: scale, clip and colour in one program, on the same draw.
+    config = CONFIG.replace(image_size=24, color_jitter_strength=1.0)
+    crop = tf.random.stateless_uniform([24, 24, 3], [1, 2], -10, 265)  # bicubic overshoots
+    for i in range(12):
+        seed = tf.constant([i, 7], tf.int64)
+        drawn = augment._xla(augment._draw_color)(augment.op_seeds(seed)['color'], 1.0,
+                                                  config.brightness)
+        expected = augment._color(tf.clip_by_value(crop / 255.0, 0, 1)[None], *drawn)[0]
+        np.testing.assert_allclose(augment.finish_view(crop, ('color',), config, seed),
+                                   expected, atol=2e-5)
+    # Other rests go through view(); strength 0 is no colour op at all.
+    unit = augment.finish_view(crop, ('color',), config.replace(color_jitter_strength=0.0), seed)
+    np.testing.assert_array_equal(unit, tf.clip_by_value(crop / 255.0, 0, 1))
+
+
+def test_the_compiled_colour_draw_has_the_authors_probabilities_and_ranges():
+    # What the per-image path draws: the compiled draw (other numbers than the plain ops').
+    compiled = augment._xla(augment._draw_color)
+    draw = tf.function(lambda s: tf.map_fn(
+        lambda x: tf.concat([tf.reshape(tf.cast(v, tf.float32), [-1])
+                             for v in compiled(x, 1.0, 'multiplicative')], 0),
+        s, fn_output_signature=tf.float32))
+    n = 4000
+    d = draw(tf.random.experimental.stateless_split(tf.constant([5, 1], tf.int64), n)).numpy()
+    jitter, gray, order, scale, shift, contrast, saturation, hue = (
+        d[:, 0], d[:, 1], d[:, 2:6], d[:, 6], d[:, 7], d[:, 8], d[:, 9], d[:, 10])
+    se = lambda p: 4 * np.sqrt(p * (1 - p) / n)  # noqa: E731
+    assert abs(jitter.mean() - 0.8) < se(0.8) and abs(gray.mean() - 0.2) < se(0.2)
+    assert abs(np.mean(jitter * gray) - 0.16) < se(0.16)  # independent coins
+    for op in range(4):  # every op equally likely at every step
+        assert all(abs(np.mean(order[:, k] == op) - 0.25) < se(0.25) for k in range(4))
+    assert np.all(np.sort(order, axis=1) == np.arange(4))  # a permutation
+    for factor in (scale, contrast, saturation):  # U(0.2, 1.8) at strength 1
+        assert factor.min() >= 0.2 and factor.max() <= 1.8 and abs(factor.mean() - 1) < 0.04
+    assert np.all(shift == 0) and np.abs(hue).max() <= 0.2 and abs(hue.mean()) < 0.01
