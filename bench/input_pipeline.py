@@ -14,9 +14,11 @@ which decodes and fills it, is warm-up). Then it alternates timed windows of `--
 (b) `tf.io.decode_jpeg` of the same files (tf.data, AUTOTUNE map, nothing else; `decode_image`
 where a file is not a JPEG) and, with --authors_code, (c) the authors' augmentation (their
 `data_util.preprocess_image` twice per image, their shuffle / map / batch / prefetch, files
-read and decoded in place of TFDS), so machine load hits all alike. Prints one JSON line: best
-and median images/s of each, the medians' ratios, the process's CPU time per wall second, the
-command.
+read and decoded in place of TFDS) and, with --floor, (d) the per-image path's work without its
+colour distortion and decode-failure handling (header, crop draw, decode, two flipped bicubic
+crops, batch): the most any colour code could leave. Machine load hits all alike. Prints one
+JSON line: best and median images/s of each, the medians' ratios, the process's CPU time per
+wall second, the command.
 """
 
 import argparse
@@ -34,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tensorflow as tf  # noqa: E402
 
-from simclr_tf import data  # noqa: E402
+from simclr_tf import augment, data  # noqa: E402
 from simclr_tf.config import Config  # noqa: E402
 
 
@@ -47,6 +49,24 @@ def decode_only(paths: list, batch: int) -> tuple[tf.data.Dataset, str]:
             .map(lambda p: tf.shape(decode(tf.io.read_file(p))),
                  num_parallel_calls=tf.data.AUTOTUNE)
             .batch(batch).prefetch(tf.data.AUTOTUNE)), 'decode_jpeg' if jpeg else 'decode_image'
+
+
+def crops_only(paths: list, batch: int, size: int) -> tf.data.Dataset:
+    """The per-image path's crops alone: header, both views' boxes, decode, two flipped bicubic
+    crops in [0, 1], batched; no colour, no replacement of undecodable files."""
+    draw = tf.function(augment.sample_crops, jit_compile=True, autograph=False)
+    key = tf.constant([0, 1], tf.int64)
+
+    def views(index, path):
+        seed = tf.random.experimental.stateless_fold_in(key, index)
+        pixels, boxes = data.decode_crops(tf.io.read_file(path), lambda h, w: draw(h, w, 2, seed))
+        flips = augment.flip_coins(2, seed)
+        return tf.concat([augment.resized_crop(pixels, boxes[v], size, flips[v])
+                          for v in range(2)], -1)
+
+    return (tf.data.Dataset.from_tensor_slices(paths).repeat().enumerate()
+            .map(views, num_parallel_calls=tf.data.AUTOTUNE)
+            .batch(batch).prefetch(tf.data.AUTOTUNE))
 
 
 def _head(path: str) -> bytes:
@@ -94,6 +114,8 @@ def main() -> None:
                         help='untimed batches at the start of every window')
     parser.add_argument('--authors_code', default=None,
                         help="the authors' tf2/ directory: also time their pipeline")
+    parser.add_argument('--floor', action='store_true',
+                        help='also time the crops alone (image folders of mixed sizes)')
     args = parser.parse_args()
 
     if args.extract and not os.path.isdir(args.data):
@@ -114,6 +136,8 @@ def main() -> None:
     streams = {'pipeline': data.build_dataset(config, is_training=True)}
     reference, reference_name = decode_only(paths, args.batch)
     streams['decode_only'] = reference
+    if args.floor:
+        streams['crops_only'] = crops_only(paths, args.batch, args.image_size)
     if args.authors_code:
         streams['authors'] = authors(args.authors_code, paths, args.batch, args.image_size,
                                      args.color_jitter_strength)
@@ -156,6 +180,13 @@ def main() -> None:
             'ratio_to_authors': round(median['pipeline'] / median['authors'], 2),
             'authors_ratio_to_decode_only': round(median['authors'] / median['decode_only'], 3)}
            if 'authors' in rates else {}),
+        **({'crops_only': {'best': round(max(rates['crops_only'])),
+                           'median': round(median['crops_only'])},
+            'crops_only_ratio_to_decode_only': round(median['crops_only'] / median['decode_only'],
+                                                     3),
+            **({'crops_only_over_authors': round(median['crops_only'] / median['authors'], 2)}
+               if 'authors' in rates else {})}
+           if 'crops_only' in rates else {}),
         'cpu_per_wall_s': {name: round(statistics.median(c), 2) for name, c in cpu.items()},
         'cache': args.cache, 'image_size': args.image_size,
         'warmup_s': round(warmup_s, 1), 'train_examples': info.num_train_examples,

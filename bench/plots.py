@@ -6,8 +6,8 @@
 
 Writes docs/cifar10_training.png (the main run: training loss, contrastive accuracy, and test
 accuracy over steps from the TensorBoard events and result_<step>.json files, with the
-baselines) and docs/cifar10_<stage>.png, one chart per ablation stage of the record's arms, and
-prints the Markdown tables.
+baselines; only when --model_dir holds the main run's events) and docs/cifar10_<stage>.png,
+one chart per ablation stage of the record's arms, and prints the Markdown tables.
 """
 
 import argparse
@@ -105,14 +105,18 @@ def ablation_plot(stage: str, arms: list[tuple[str, str, dict]], path: str) -> N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--model_dir', required=True)
+    parser.add_argument('--model_dir', default=None,
+                        help="the main run's model_dir (for its training plot)")
     parser.add_argument('--study', required=True)
     parser.add_argument('--out', default='docs')
     args = parser.parse_args()
     study = json.load(open(args.study))
     os.makedirs(args.out, exist_ok=True)
-    if 'curve' in study:
+    if 'curve' in study and args.model_dir and glob.glob(
+            os.path.join(args.model_dir, 'events.out.tfevents.*')):
         training_plot(args.model_dir, study, os.path.join(args.out, 'cifar10_training.png'))
+    else:
+        print('training plot not redrawn: no --model_dir with the main run\'s events')
     print('\n'.join(table([(label, study[name]['result']) for name, label in BASELINES
                            if name in study])))
     stages: dict[str, list] = {}
