@@ -5,7 +5,7 @@ and in the same run the rate of plain JPEG decoding of the same files, as a refe
         [--extract=../shared/data/cifar10-jpg.tar.gz] [--batch=256] [--windows=5]
     python bench/input_pipeline.py --data=/tmp/imagenet_sample --no-cache --image_size=224 \\
         --batch=64 --steps=8 [--extract=../shared/data/imagenet-sample-250.tar.gz] \\
-        [--authors_code=/work/authors_simclr/tf2]
+        [--authors_code=/work/authors_simclr/tf2] [--floor]
 
 Reads the image folder's train split with train_mode pretrain, colour strength 1.0, the
 default augmentations, seed 0 (cache_dataset unless --no-cache; with the cache, the first epoch,
