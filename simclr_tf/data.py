@@ -592,8 +592,8 @@ def build_dataset(config: Config, is_training: bool,
                                          for i in range(3))
 
     # Images of mixed sizes with the crop first (the usual case) are decoded for their crops
-    # only (decode_crops); each view is then finished image by image (one compiled program
-    # per op of one fixed size), where a single image's jitter step computes only its own op.
+    # only (decode_crops); each view is then finished image by image (augment.finish_view:
+    # one compiled program of one fixed size, where a jitter step computes only its own op).
     fast_crop = (not decoded and head == ('crop',) and is_training
                  and source.stores_files)
 
