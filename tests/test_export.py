@@ -124,14 +124,18 @@ def test_fresh_process_without_the_package_reproduces_the_model(exported, tmp_pa
     assert names == {'initial_conv', 'initial_max_pool', 'block_group1', 'block_group2',
                      'block_group3', 'block_group4', 'final_avg_pool', 'proj_head_input',
                      'proj_head_output', 'logits_sup'}
+    # Float32 in another process: oneDNN may pick other kernels, so sums run in another order
+    # (2.4e-5 apart in the projection head after training-mode BN on 4 images, on an AVX-512 Xeon).
+    tolerance = dict(rtol=1e-4, atol=1e-4)
     for key, value in expected.items():
         if '/' in key:
-            np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
+            np.testing.assert_allclose(got[key], value, **tolerance, err_msg=key)
     # Training mode really differs (batch statistics), so the comparison above tells them apart.
-    assert not np.allclose(expected['x7/True/final_avg_pool'], expected['x7/False/final_avg_pool'])
+    assert not np.allclose(expected['x7/True/final_avg_pool'], expected['x7/False/final_avg_pool'],
+                           **tolerance)
     for name in names:
         np.testing.assert_allclose(got[f'serving/{name}'], expected[f'x7/False/{name}'],
-                                   rtol=1e-5, atol=1e-5, err_msg=name)
+                                   **tolerance, err_msg=name)
 
 
 def test_no_custom_gradients_are_saved(exported):
