@@ -19,6 +19,7 @@ Stages:
   temperature  NT-Xent at temperature 0.1 / 0.5 / 1.0 (Table 5)
   color        colour-distortion strength 0 / 0.25 / 0.5 / 1.0 (Table 1; 0 = no colour op)
   augment      crop+flip+colour / crop+flip / colour only (Figure 5)
+  seed         the recipe again with another seed: how far one seed's arms move by chance
 Every ablation arm pretrains for --arm_steps with the study's flags and seed, then is probed with
 kNN and linear fitted on --arm_probe_split and tested on the whole test split.
 
@@ -54,6 +55,7 @@ ABLATIONS = {
               for s in (0.0, 0.25, 0.5, 1.0)],
     'augment': [('augment_' + a.replace(',', '_'), [f'--augmentations={a}'], (H,))
                 for a in ('crop,flip,color', 'crop,flip', 'color')],
+    'seed': [('seed_1', ['--seed=1'], (H, Z))],
 }
 
 
