@@ -283,20 +283,17 @@ def _jitter_ops(x: list, per: Callable, bright_scale, bright_shift, contrast, sa
 
 
 def _jitter_step(images, op, bright_scale, bright_shift, contrast, saturation, hue):
-    """Applies to each image its op of this step (0 brightness, 1 contrast, 2 saturation,
-    3 hue) and clips. A batch computes the four ops and keeps each image's own (one program
-    for images with different orders); a single image computes only its own. The three colour
-    planes are handled apart, not as a channel axis: a compiled step then reads each pixel's
-    three values once instead of once per output channel."""
-    ops = _jitter_ops(_planes(images), lambda v: v[:, None, None], bright_scale, bright_shift,
-                      contrast, saturation, hue)
-    if images.shape[0] == 1:
-        out = tf.switch_case(op[0], [lambda f=f: tf.stack(f(), -1) for f in ops])
-    else:
-        candidates = [tf.stack(f(), -1) for f in ops]
-        out = candidates[3]
-        for k in (2, 1, 0):
-            out = _select(op == k, candidates[k], out)
+    """Applies to each image of a batch its op of this step (0 brightness, 1 contrast,
+    2 saturation, 3 hue) and clips: the four ops computed, each image's own kept (one program
+    for images with different orders; a single image's steps are `_color_steps`). The three
+    colour planes are handled apart, not as a channel axis: a compiled step then reads each
+    pixel's three values once instead of once per output channel."""
+    candidates = [tf.stack(f(), -1) for f in _jitter_ops(
+        _planes(images), lambda v: v[:, None, None], bright_scale, bright_shift, contrast,
+        saturation, hue)]
+    out = candidates[3]
+    for k in (2, 1, 0):
+        out = _select(op == k, candidates[k], out)
     return tf.clip_by_value(out, 0.0, 1.0)
 
 
@@ -317,10 +314,19 @@ def _color(images, jitter, gray, order, bright_scale, bright_shift, contrast, sa
 
 
 def _color_steps(images, jitter, gray, order, *params):
-    out = images
+    """One image [1, H, W, 3] coloured with a drawn distortion. Worked on planes [3, H, W] (one
+    transpose in, one out), so each step reads contiguous planes and computes only its own op;
+    each step a conditional, whose output XLA keeps."""
+    planes = tf.unstack(tf.transpose(images[0], [2, 0, 1]))
+    source = planes
+    scalars = [p[0] for p in params]
     for k in range(4):
-        out = _jitter_step(out, order[:, k], *params)
-    return _select_then_gray(jitter, gray, out, images)
+        ops = _jitter_ops(planes, lambda v: v, *scalars)
+        out = tf.switch_case(order[0, k], [lambda f=f: tf.stack(f()) for f in ops])
+        planes = tf.unstack(tf.clip_by_value(out, 0.0, 1.0))
+    planes = [tf.where(jitter[0], p, s) for p, s in zip(planes, source)]
+    grey = _grey(planes)
+    return tf.transpose(tf.stack([tf.where(gray[0], grey, p) for p in planes]), [1, 2, 0])[None]
 
 
 def _select_then_gray(jitter: tf.Tensor, gray: tf.Tensor, jittered: tf.Tensor,
@@ -335,20 +341,10 @@ def _draw_color(seed: Seed, strength: float, brightness: str) -> tuple:
     return (jitter, gray) + _jitter_params(1, strength, jitter_seed, brightness)
 
 
-def _finish_color(crop: tf.Tensor, scale: float, jitter, gray, order, *params) -> tf.Tensor:
-    """A resized crop [S, S, 3] in [0, scale] -> [0, 1], clipped, then coloured with a drawn
-    distortion, as `_color` does. Worked on planes [3, S, S] (one transpose in, one out), so
-    each step reads contiguous planes; each step a conditional, whose output XLA keeps."""
-    planes = tf.unstack(tf.clip_by_value(tf.transpose(crop, [2, 0, 1]) / scale, 0.0, 1.0))
-    source = planes
-    scalars = [p[0] for p in params]
-    for k in range(4):
-        ops = _jitter_ops(planes, lambda v: v, *scalars)
-        out = tf.switch_case(order[0, k], [lambda f=f: tf.stack(f()) for f in ops])
-        planes = tf.unstack(tf.clip_by_value(out, 0.0, 1.0))
-    planes = [tf.where(jitter[0], p, s) for p, s in zip(planes, source)]
-    grey = _grey(planes)
-    return tf.transpose(tf.stack([tf.where(gray[0], grey, p) for p in planes]), [1, 2, 0])
+def _finish_color(crop: tf.Tensor, scale: float, *drawn) -> tf.Tensor:
+    """A resized crop [S, S, 3] in [0, scale] -> [0, 1], clipped, then coloured (`drawn`:
+    `_draw_color`'s), one program."""
+    return _color_steps(tf.clip_by_value(crop / scale, 0.0, 1.0)[None], *drawn)[0]
 
 
 def finish_view(crop: tf.Tensor, names: Sequence[str], config: Config, seed: Seed,

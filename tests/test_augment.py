@@ -241,7 +241,7 @@ def test_compiled_ops_compute_what_the_plain_ops_do():
     # One image (one program of conditionals) is coloured as it is in the batch.
     np.testing.assert_allclose(augment._color(x[2:3], *[v[2:3] for v in params], jit=True),
                                augment._color(x, *params)[2:3], atol=2e-5)
-    # A single image's step (only its own op) is the batch's step for that image.
+    # A single image's step is the batch's step for that image.
     np.testing.assert_allclose(augment._jitter_step(x[2:3], order[2:3, 1],
                                                     *[v[2:3] for v in params[3:]]),
                                augment._jitter_step(x, order[:, 1], *params[3:])[2:3], atol=1e-6)
