@@ -8,7 +8,8 @@ one per image, which is what makes it fast on a CPU.
 
 A pretraining view applies `config.augmentation_list` in order (default crop, flip, color, blur),
 except blur: like the authors, the training loop blurs whole batches after both views are made
-(`batch_random_blur`). The paper's other ablation ops (Figure 5) are here too: cutout, Sobel
+(`batch_random_blur`). Unlike them, the step also applies a trailing colour distortion to whole
+batches (`color_in_step`, `step_views`): the same draw per image, off the host. The paper's other ablation ops (Figure 5) are here too: cutout, Sobel
 filter, Gaussian noise, rotation.
 """
 
@@ -170,7 +171,8 @@ def resized_crop(image: tf.Tensor, box: tf.Tensor, size: int,
     window = tf.slice(image, tf.stack([box[0], box[1], 0]), tf.stack([box[2], box[3], 3]))
     if flip is not None:
         window = tf.cond(flip, lambda: tf.reverse(window, [1]), lambda: window)
-    out = tf.image.resize(window, [size, size], method='bicubic')
+    # The same numbers from a float window, ~20 % sooner: the kernel is slower reading uint8.
+    out = tf.image.resize(tf.cast(window, tf.float32), [size, size], method='bicubic')
     return out / 255.0 if image.dtype == tf.uint8 and rescale else out
 
 
@@ -358,8 +360,25 @@ def finish_view(crop: tf.Tensor, names: Sequence[str], config: Config, seed: See
         drawn = _xla(_draw_color)(op_seeds(seed)['color'], config.color_jitter_strength,
                                  config.brightness)
         return _xla(_finish_color)(crop, scale, *drawn)
-    unit = tf.clip_by_value(crop / scale, 0.0, 1.0)
-    return view(unit[None], names, config, seed, fit=False, jit=True)[0]
+    return view(_unit(crop, scale)[None], names, config, seed, fit=False, jit=True)[0]
+
+
+def finish_views(crops: Sequence[tf.Tensor], names: Sequence[str], config: Config,
+                 seeds: Sequence[Seed], scale: float = 255.0) -> tf.Tensor:
+    """`finish_view` of each crop with its seed, concatenated on channels: [S, S, 3V]. With no
+    op left (the colour distortion in the training step) one program scales, clips and
+    concatenates them all (a pass over the pixels instead of three)."""
+    if not names:
+        return _xla(_units)(list(crops), scale)
+    return tf.concat([finish_view(c, names, config, s, scale) for c, s in zip(crops, seeds)], -1)
+
+
+def _unit(crop: tf.Tensor, scale: float) -> tf.Tensor:
+    return tf.clip_by_value(crop / scale, 0.0, 1.0)
+
+
+def _units(crops: list, scale: float) -> tf.Tensor:
+    return tf.concat([_unit(c, scale) for c in crops], -1)
 
 
 def _grey(rgb: list) -> tf.Tensor:
@@ -448,6 +467,34 @@ _OPS: dict[str, Callable[[tf.Tensor, int, Seed], tf.Tensor]] = {
 def pretrain_ops(config: Config) -> tuple[str, ...]:
     """The per-image ops of a pretraining view, in order (blur is batched separately)."""
     return tuple(name for name in config.augmentation_list if name != 'blur')
+
+
+def color_in_step(config: Config) -> bool:
+    """Whether the training step, not the input stream, applies the colour distortion: in
+    pretraining, when it is a view's last per-image op (only blur follows, which the step does
+    too). On whole batches in the step it is one compiled program on the accelerator; on the
+    host, image by image, it was a third of the input's CPU time at 224 px."""
+    return (config.train_mode == 'pretrain' and config.color_jitter_strength > 0
+            and pretrain_ops(config)[-1:] == ('color',))
+
+
+def stream_ops(config: Config) -> tuple[str, ...]:
+    """The ops the input stream applies to a pretraining view: `pretrain_ops` without the
+    colour distortion the step applies (`color_in_step`)."""
+    ops = pretrain_ops(config)
+    return ops[:-1] if color_in_step(config) else ops
+
+
+def step_views(views: list[tf.Tensor], config: Config, seed: Optional[Seed] = None
+               ) -> list[tf.Tensor]:
+    """What the training step does to the stream's [b, S, S, 3] views: the colour distortion
+    where `color_in_step` (each image its own draw, compiled), then `batch_random_blur`.
+    Under a distribution strategy give each replica its own seed."""
+    color_seed, blur_seed = (None, None) if seed is None else _split(_seed(seed), 2)
+    if color_in_step(config):
+        seeds = _split(_seed(color_seed), len(views))
+        views = [random_color_distortion(v, config, s, jit=True) for v, s in zip(views, seeds)]
+    return batch_random_blur(views, config, blur_seed)
 
 
 FINETUNE_OPS = ('crop', 'flip')  # the original's preprocess_for_train with color_distort=False

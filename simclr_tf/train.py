@@ -95,10 +95,9 @@ def steps_per_loop(config: Config, checkpoint_steps: int) -> int:
 
 
 def two_views_to_batch(images: tf.Tensor, config: Config, seed=None) -> tf.Tensor:
-    """[b, S, S, 6] (two views on channels) -> [2b, S, S, 3]: first views, then second views."""
-    views = tf.split(images, 2, axis=-1)
-    views = augment.batch_random_blur(views, config, seed=seed)
-    return tf.concat(views, 0)
+    """[b, S, S, 6] (two views on channels) -> [2b, S, S, 3]: first views, then second views,
+    finished by the ops done on whole batches (colour where it comes last, blur)."""
+    return tf.concat(augment.step_views(tf.split(images, 2, axis=-1), config, seed), 0)
 
 
 def make_step_fn(config: Config, state: TrainState, strategy: tf.distribute.Strategy) -> Callable:
@@ -110,7 +109,7 @@ def make_step_fn(config: Config, state: TrainState, strategy: tf.distribute.Stra
     def step_fn(images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
         if pretrain:
             seed = None
-            if config.seed is not None:  # blur draws keyed by (seed, step, replica): resumable
+            if config.seed is not None:  # draws keyed by (seed, step, replica): resumable
                 replica = tf.distribute.get_replica_context().replica_id_in_sync_group
                 seed = tf.stack([tf.constant(config.seed, tf.int64),
                                  optimizer.iterations * replicas + tf.cast(replica, tf.int64)])

@@ -290,7 +290,7 @@ def test_single_compiled_crop_draws_as_the_authors_tf_op():
 
 
 def test_a_finished_crop_is_coloured_as_the_batch_code_colours_it():
-    # The per-image path's finish_view: scale, clip and colour in one program, on the same draw.
+    # finish_view of a view with colour left: scale, clip and colour in one program, same draw.
     config = CONFIG.replace(image_size=24, color_jitter_strength=1.0)
     crop = tf.random.stateless_uniform([24, 24, 3], [1, 2], -10, 265)  # bicubic overshoots
     for i in range(12):
@@ -325,3 +325,39 @@ def test_the_compiled_colour_draw_has_the_authors_probabilities_and_ranges():
     for factor in (scale, contrast, saturation):  # U(0.2, 1.8) at strength 1
         assert factor.min() >= 0.2 and factor.max() <= 1.8 and abs(factor.mean() - 1) < 0.04
     assert np.all(shift == 0) and np.abs(hue).max() <= 0.2 and abs(hue.mean()) < 0.01
+
+
+def test_the_step_colours_a_trailing_colour_distortion_with_each_image_its_own_draw():
+    config = CONFIG.replace(color_jitter_strength=1.0, use_blur=False, train_mode='pretrain')
+    assert augment.color_in_step(config) and augment.stream_ops(config) == ('crop', 'flip')
+    for other in (config.replace(augmentations='crop,color,flip,blur'),
+                  config.replace(color_jitter_strength=0.0), config.replace(train_mode='finetune')):
+        assert not augment.color_in_step(other)
+    assert augment.stream_ops(config.replace(augmentations='color,crop')) == ('color', 'crop')
+    n = 400
+    images = tf.random.stateless_uniform([n, 8, 8, 3], [4, 5])
+    seed = tf.constant([3, 11], tf.int64)
+    views = augment.step_views([images, images], config, seed)
+    grey = [np.mean(np.ptp(v.numpy(), axis=-1).max(axis=(1, 2)) < 1e-6) for v in views]
+    same = [np.mean(np.abs(v.numpy() - images.numpy()).max(axis=(1, 2, 3)) < 1e-6) for v in views]
+    for g, s in zip(grey, same):
+        assert 0.14 < g < 0.26  # p = 0.2
+        assert 0.10 < s < 0.22  # neither jitter (p = 0.8) nor grey: 0.16
+    assert not np.allclose(views[0], views[1])  # each view its own draws
+    np.testing.assert_array_equal(augment.step_views([images, images], config, seed)[0], views[0])
+    # Colour not last: the stream did it, the step leaves the views alone (blur off).
+    kept = augment.step_views([images], config.replace(augmentations='crop,color,flip'), seed)
+    np.testing.assert_array_equal(kept[0], images)
+
+
+def test_finished_views_with_no_op_left_are_the_scaled_clipped_crops_side_by_side():
+    crops = [tf.random.stateless_uniform([24, 24, 3], [i, 2], -10, 265) for i in range(2)]
+    seeds = [tf.constant([i, 7], tf.int64) for i in range(2)]
+    config = CONFIG.replace(image_size=24, color_jitter_strength=1.0)
+    both = augment.finish_views(crops, (), config, seeds)
+    np.testing.assert_allclose(both, tf.concat([tf.clip_by_value(c / 255, 0, 1) for c in crops],
+                                               -1), atol=1e-7)
+    coloured = augment.finish_views(crops, ('color',), config, seeds)
+    for v in range(2):
+        np.testing.assert_array_equal(coloured[..., 3 * v:3 * v + 3],
+                                      augment.finish_view(crops[v], ('color',), config, seeds[v]))

@@ -310,3 +310,49 @@ def test_crops_decoded_from_a_jpeg_window_are_the_crops_of_the_whole_image(jpeg,
     pixels, same = data.decode_crops(tf.io.read_file(str(png)), draw)
     np.testing.assert_array_equal(same, boxes)
     assert pixels.shape == (180, 200, 3)
+
+
+def _mixed_sizes(root, sample_dir, n=12) -> str:
+    """An image folder of n JPEGs of mixed sizes (the per-image path), made from the sample."""
+    for i, path in enumerate(sorted(os.listdir(os.path.join(sample_dir, 'train', 'cat')))[:n]):
+        image = Image.open(os.path.join(sample_dir, 'train', 'cat', path))
+        os.makedirs(os.path.join(root, 'train', 'c%d' % (i % 2)), exist_ok=True)
+        image.resize((40 + 4 * i, 36 + 3 * (i % 3))).save(
+            os.path.join(root, 'train', 'c%d' % (i % 2), f'{i:02d}.jpg'), quality=95)
+    return str(root)
+
+
+@pytest.mark.parametrize('mixed', [False, True])
+def test_the_stream_leaves_a_trailing_colour_distortion_to_the_step(config, tmp_path,
+                                                                    sample_dir, mixed):
+    # Each op draws from its name's seed, so the default views without colour are exactly the
+    # crop + flip views; colour elsewhere in the list stays in the stream.
+    cfg = config.replace(color_jitter_strength=1.0)
+    if mixed:
+        cfg = cfg.replace(dataset=_mixed_sizes(tmp_path / 'mixed', sample_dir))
+    default = batches(data.build_dataset(cfg, True), 2)
+    plain = batches(data.build_dataset(cfg.replace(augmentations='crop,flip'), True), 2)
+    for a, b in zip(default, plain):
+        np.testing.assert_array_equal(a, b)
+    coloured = batches(data.build_dataset(cfg.replace(augmentations='crop,color,flip'), True), 1)
+    assert np.abs(coloured[0] - plain[0]).max() > 0.1
+
+
+def test_one_undecodable_image_of_a_batch_leaves_the_others_as_they_were(config, tmp_path,
+                                                                          sample_dir, caplog):
+    # The batch is made again with each decode caught: the other images are the same views.
+    root = _mixed_sizes(tmp_path / 'mixed', sample_dir)
+    cfg = config.replace(dataset=root)
+    good = batches(data.build_dataset(cfg, True), 1)[0]
+    bad = os.path.join(root, 'train', 'c0', '04.jpg')
+    with open(bad, 'r+b') as f:  # a header that says height 0 (passes the listing's check)
+        b = bytearray(f.read())
+        sof = b.find(b'\xff\xc0')
+        b[sof + 5:sof + 7] = b'\x00\x00'
+        f.seek(0)
+        f.write(b)
+    with caplog.at_level(logging.WARNING):
+        replaced = batches(data.build_dataset(cfg, True), 1)[0]
+    changed = [i for i in range(B) if not np.array_equal(good[i], replaced[i])]
+    assert len(changed) == 1 and f'cannot decode {bad}' in caplog.text
+    assert np.allclose(replaced[changed[0]], 128 / 255, atol=1e-6)  # the grey stand-in

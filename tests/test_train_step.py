@@ -9,8 +9,10 @@ from simclr_tf.config import Config
 from simclr_tf.model import build_model
 
 GLOBAL_PAIRS = 8  # images per global batch; each gives two views
+# No op drawn in the step (blur, colour): each replica draws its own, one device other ones.
 CONFIG = Config(resnet_depth=18, width_multiplier=0.25, image_size=16, proj_out_dim=16,
-                train_batch_size=GLOBAL_PAIRS, use_tpu=False, use_blur=False, temperature=0.5,
+                train_batch_size=GLOBAL_PAIRS, use_tpu=False, use_blur=False,
+                color_jitter_strength=0.0, temperature=0.5,
                 learning_rate=0.5, weight_decay=1e-4, warmup_epochs=0, train_steps=10,
                 lineareval_while_pretraining=True)
 
