@@ -16,9 +16,10 @@ where a file is not a JPEG) and, with --authors_code, (c) the authors' augmentat
 `data_util.preprocess_image` twice per image, their shuffle / map / batch / prefetch, files
 read and decoded in place of TFDS) and, with --floor, (d) the per-image path's work without its
 colour distortion and decode-failure handling (header, crop draw, decode, two flipped bicubic
-crops, batch): the most any colour code could leave. Machine load hits all alike. Prints one
-JSON line: best and median images/s of each, the medians' ratios, the process's CPU time per
-wall second, the command.
+crops, batch). Machine load hits all alike. The stream leaves the colour distortion to the
+training step (augment.color_in_step): `in_training_step` times that program on one of the
+stream's batches on this CPU, the work moved off the host. Prints one JSON line: best and median
+images/s of each, the medians' ratios, the process's CPU time per wall second, the command.
 """
 
 import argparse
@@ -168,6 +169,7 @@ def main() -> None:
             if name == 'pipeline':
                 shape = out[0].shape.as_list()
     median = {name: statistics.median(r) for name, r in rates.items()}
+    moved = _step_share(config, out[0])
     print(json.dumps({
         'metric': 'source_images_per_s (two views each)',
         'best': round(max(rates['pipeline'])), 'median': round(median['pipeline']),
@@ -188,10 +190,28 @@ def main() -> None:
                if 'authors' in rates else {})}
            if 'crops_only' in rates else {}),
         'cpu_per_wall_s': {name: round(statistics.median(c), 2) for name, c in cpu.items()},
+        **moved,
         'cache': args.cache, 'image_size': args.image_size,
         'warmup_s': round(warmup_s, 1), 'train_examples': info.num_train_examples,
         'cpus': os.cpu_count(), 'load_avg_1min': round(os.getloadavg()[0], 2),
         'command': shlex.join(['python'] + sys.argv)}))
+
+
+def _step_share(config: Config, images: tf.Tensor) -> dict:
+    """What the stream leaves to the training step (the colour distortion, augment.color_in_step)
+    timed on one of its batches with the step's compiled program on this CPU: the work moved,
+    not removed (on an accelerator it runs there)."""
+    if not augment.color_in_step(config):
+        return {}
+    colour = tf.function(lambda x, seed: augment.step_views(
+        tf.split(x, 2, axis=-1), config.replace(use_blur=False), seed))
+    colour(images, tf.constant([0, 0], tf.int64))  # compiles
+    start, used, reps = time.perf_counter(), _cpu_s(), 5
+    for i in range(reps):
+        colour(images, tf.constant([0, i], tf.int64))[0].numpy()
+    wall, cpu = (time.perf_counter() - start) / reps, (_cpu_s() - used) / reps
+    return {'in_training_step': {'ops': 'color', 'ms_per_batch': round(1000 * wall, 1),
+                                 'cpu_ms_per_source_image': round(1000 * cpu / len(images), 2)}}
 
 
 def _cpu_s() -> float:
