@@ -125,6 +125,16 @@ def sample_crops(height, width, n, seed: Seed) -> tf.Tensor:
     return tf.cast(tf.stack([top, left, crop_h, crop_w], axis=1), tf.int32)
 
 
+def sample_views(height, width, crop_seed: Seed, flip_seeds: tf.Tensor
+                 ) -> tuple[tf.Tensor, tf.Tensor]:
+    """For n views of one image: their crops (`sample_crops` with crop_seed) and whether each is
+    mirrored (`flip_coins` of its own seed, flip_seeds [n, 2]); one call for one compiled
+    program."""
+    n = flip_seeds.shape[0]
+    flips = tf.stack([flip_coins(1, s)[0] for s in tf.unstack(flip_seeds, num=n)])
+    return sample_crops(height, width, n, crop_seed), flips
+
+
 def _bicubic_taps(start: tf.Tensor, length: tf.Tensor, size: int
                   ) -> tuple[tf.Tensor, tf.Tensor]:
     """Source indices and weights [b, size, 4] of bicubic resampling of the [start, start +
@@ -364,21 +374,31 @@ def finish_view(crop: tf.Tensor, names: Sequence[str], config: Config, seed: See
 
 
 def finish_views(crops: Sequence[tf.Tensor], names: Sequence[str], config: Config,
-                 seeds: Sequence[Seed], scale: float = 255.0) -> tf.Tensor:
-    """`finish_view` of each crop with its seed, concatenated on channels: [S, S, 3V]. With no
-    op left (the colour distortion in the training step) one program scales, clips and
-    concatenates them all (a pass over the pixels instead of three)."""
+                 seeds: Sequence[Seed], scale: float = 255.0,
+                 flips: Optional[tf.Tensor] = None) -> tf.Tensor:
+    """`finish_view` of each crop with its seed, concatenated on channels: [S, S, 3V]; with
+    `flips` ([V] bools) each crop mirrored first where true (the same as mirroring before the
+    bicubic resize, which is symmetric). With no op left (the colour distortion in the training
+    step) one program flips, scales, clips and concatenates them all: one pass over the pixels."""
+    if flips is None:
+        flips = tf.zeros([len(crops)], tf.bool)
     if not names:
-        return _xla(_units)(list(crops), scale)
-    return tf.concat([finish_view(c, names, config, s, scale) for c, s in zip(crops, seeds)], -1)
+        return _xla(_units)(list(crops), scale, flips)
+    return tf.concat([finish_view(_mirror(c, f), names, config, s, scale)
+                      for c, s, f in zip(crops, seeds, tf.unstack(flips, num=len(crops)))], -1)
+
+
+def _mirror(image: tf.Tensor, flip: tf.Tensor) -> tf.Tensor:
+    return tf.where(flip, tf.reverse(image, [1]), image)
 
 
 def _unit(crop: tf.Tensor, scale: float) -> tf.Tensor:
     return tf.clip_by_value(crop / scale, 0.0, 1.0)
 
 
-def _units(crops: list, scale: float) -> tf.Tensor:
-    return tf.concat([_unit(c, scale) for c in crops], -1)
+def _units(crops: list, scale: float, flips: tf.Tensor) -> tf.Tensor:
+    return tf.concat([_unit(_mirror(c, f), scale)
+                      for c, f in zip(crops, tf.unstack(flips, num=len(crops)))], -1)
 
 
 def _grey(rgb: list) -> tf.Tensor:

@@ -353,35 +353,35 @@ def decode_image(encoded: tf.Tensor) -> tf.Tensor:
     return tf.ensure_shape(image, [None, None, 3])
 
 
-def decode_crops(encoded: tf.Tensor, draw_boxes: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
-                 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Decodes what random crops of an image file need: (uint8 pixels, [n, 4] boxes in them).
-    `draw_boxes(height, width)` draws the boxes (top, left, height, width) for the image's size.
-    A JPEG's size is read from its header and, where the window holding all boxes is under half
-    the image, only that window is decoded (libjpeg skips the rest); other formats are decoded
-    whole."""
+def decode_crops(encoded: tf.Tensor, draw: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, Any]]
+                 ) -> tuple[tf.Tensor, tf.Tensor, Any]:
+    """Decodes what random crops of an image file need: (uint8 pixels, [n, 4] boxes in them,
+    extra). `draw(height, width)` draws, for the image's size, the boxes (top, left, height,
+    width) and anything else of the views (`extra`, e.g. their flips), in one call. A JPEG's size
+    is read from its header and, where the window holding all boxes is under half the image, only
+    that window is decoded (libjpeg skips the rest); other formats are decoded whole."""
     def jpeg():
         size = tf.io.extract_jpeg_shape(encoded)
-        boxes = draw_boxes(size[0], size[1])
+        boxes, extra = draw(size[0], size[1])
         top_left = tf.reduce_min(boxes[:, :2], axis=0)
         bottom_right = tf.reduce_max(boxes[:, :2] + boxes[:, 2:], axis=0)
         window = tf.concat([top_left, bottom_right - top_left], 0)
         # A window decode pays off only where it skips much of the image (measured here: a
         # whole ImageNet photograph decodes faster than a window of 60 % of it).
         small = 2 * window[2] * window[3] < size[0] * size[1]
-        pixels = tf.cond(small, lambda: tf.io.decode_and_crop_jpeg(encoded, window, channels=3),
-                         lambda: tf.slice(tf.io.decode_jpeg(encoded, channels=3),
-                                          tf.concat([top_left, [0]], 0),
-                                          tf.concat([window[2:], [3]], 0)))
-        return pixels, boxes - tf.concat([top_left, [0, 0]], 0)[None]
+        pixels, origin = tf.cond(
+            small, lambda: (tf.io.decode_and_crop_jpeg(encoded, window, channels=3), top_left),
+            lambda: (tf.io.decode_jpeg(encoded, channels=3), tf.zeros([2], tf.int32)))
+        return pixels, boxes - tf.concat([origin, [0, 0]], 0)[None], extra
 
     def other():
         pixels = decode_image(encoded)
         shape = tf.shape(pixels)
-        return pixels, draw_boxes(shape[0], shape[1])
+        return (pixels,) + tuple(draw(shape[0], shape[1]))
 
-    pixels, boxes = tf.cond(tf.strings.substr(encoded, 0, 3) == b'\xff\xd8\xff', jpeg, other)
-    return tf.ensure_shape(pixels, [None, None, 3]), boxes
+    pixels, boxes, extra = tf.cond(tf.strings.substr(encoded, 0, 3) == b'\xff\xd8\xff', jpeg,
+                                   other)
+    return tf.ensure_shape(pixels, [None, None, 3]), boxes, extra
 
 
 @functools.lru_cache(maxsize=16)
@@ -599,8 +599,9 @@ def build_dataset(config: Config, is_training: bool,
     fast_crop = (not decoded and head == ('crop',) and is_training
                  and source.stores_files)
 
-    # The ~100 small ops of the crop draw as one compiled program (same distribution).
+    # The ~100 small ops of the crop draw (and the flips' coins) as one compiled program.
     draw = tf.function(augment.sample_crops, jit_compile=True, autograph=False)
+    draw_views = tf.function(augment.sample_views, jit_compile=True, autograph=False)
 
     def per_image(index, item, caught: bool = True):
         x, label = item
@@ -609,25 +610,27 @@ def build_dataset(config: Config, is_training: bool,
         seeds = tf.random.experimental.stateless_split(
             tf.random.experimental.stateless_fold_in(element_key, index), num_views)
         if fast_crop:
-            crop_seed = augment.op_seeds(seeds[0])['crop']  # all views' boxes in one draw
-            boxes_for = lambda h, w: draw(h, w, num_views, crop_seed)  # noqa: E731
-            grey = tf.fill(list(_STAND_IN_SIZE) + [3], tf.constant(128, tf.uint8))
-            crops = lambda x: decode_crops(source.encoded(x), boxes_for)  # noqa: E731
-            pixels, boxes = (or_replace(source, x, crops, lambda: (grey, boxes_for(
-                *_STAND_IN_SIZE))) if caught else crops(x))
-            # A flip right after the crop is done on the uint8 window, before the resize.
-            flips = [augment.flip_coins(1, augment.op_seeds(seeds[v])['flip'])[0]
-                     if tail[:1] == ('flip',) else None for v in range(num_views)]
-            # Left in [0, 255]: the view's compiled rest scales it in the same pass.
-            views = [augment.resized_crop(pixels, boxes[v], config.image_size, flips[v],
-                                          rescale=False) for v in range(num_views)]
-            scale = 255.0
+            view_seeds = [augment.op_seeds(seeds[v]) for v in range(num_views)]
+            # All views' boxes in one draw, with their flips' coins when a flip follows the crop.
+            flip = tail[:1] == ('flip',)
+            plan = (lambda h, w: draw_views(h, w, view_seeds[0]['crop'], tf.stack(  # noqa: E731
+                [s['flip'] for s in view_seeds]))) if flip else (
+                lambda h, w: (draw(h, w, num_views, view_seeds[0]['crop']),
+                              tf.zeros([num_views], tf.bool)))
+            stand_in = tf.fill(list(_STAND_IN_SIZE) + [3], tf.constant(128, tf.uint8))
+            crops = lambda x: decode_crops(source.encoded(x), plan)  # noqa: E731
+            pixels, boxes, flips = (or_replace(source, x, crops, lambda: (stand_in,) + tuple(
+                plan(*_STAND_IN_SIZE))) if caught else crops(x))
+            # Left in [0, 255] and unflipped: finish_views flips and scales in the same pass.
+            views = [augment.resized_crop(pixels, boxes[v], config.image_size, rescale=False)
+                     for v in range(num_views)]
+            rest, scale, flips = (tail[1:], 255.0, flips) if flip else (tail, 255.0, None)
         else:
             image = x if decoded else decode(x, caught)
             views = [augment.view(image, head, config, seeds[v]) for v in range(num_views)]
-            scale = 1.0
-        rest = tail[1:] if fast_crop and tail[:1] == ('flip',) else tail
-        return index, (augment.finish_views(views, rest, config, tf.unstack(seeds), scale), label)
+            rest, scale, flips = tail, 1.0, None
+        return index, (augment.finish_views(views, rest, config, tf.unstack(seeds), scale, flips),
+                       label)
 
     def images_of(index, item):
         """A batch's images made image by image, in parallel, with their decoding unguarded;

@@ -350,14 +350,18 @@ def test_the_step_colours_a_trailing_colour_distortion_with_each_image_its_own_d
     np.testing.assert_array_equal(kept[0], images)
 
 
-def test_finished_views_with_no_op_left_are_the_scaled_clipped_crops_side_by_side():
+def test_finished_views_are_the_flipped_scaled_clipped_crops_side_by_side():
     crops = [tf.random.stateless_uniform([24, 24, 3], [i, 2], -10, 265) for i in range(2)]
     seeds = [tf.constant([i, 7], tf.int64) for i in range(2)]
     config = CONFIG.replace(image_size=24, color_jitter_strength=1.0)
     both = augment.finish_views(crops, (), config, seeds)
     np.testing.assert_allclose(both, tf.concat([tf.clip_by_value(c / 255, 0, 1) for c in crops],
                                                -1), atol=1e-7)
-    coloured = augment.finish_views(crops, ('color',), config, seeds)
-    for v in range(2):
+    flipped = augment.finish_views(crops, (), config, seeds, flips=tf.constant([True, False]))
+    np.testing.assert_array_equal(flipped[..., :3], both[:, ::-1, :3])
+    np.testing.assert_array_equal(flipped[..., 3:], both[..., 3:])
+    coloured = augment.finish_views(crops, ('color',), config, seeds, flips=tf.constant([False,
+                                                                                        True]))
+    for v, crop in enumerate([crops[0], crops[1][:, ::-1]]):
         np.testing.assert_array_equal(coloured[..., 3 * v:3 * v + 3],
-                                      augment.finish_view(crops[v], ('color',), config, seeds[v]))
+                                      augment.finish_view(crop, ('color',), config, seeds[v]))

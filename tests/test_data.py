@@ -297,9 +297,10 @@ def test_crops_decoded_from_a_jpeg_window_are_the_crops_of_the_whole_image(jpeg,
 
     def draw(height, width):
         asked.append((int(height), int(width)))
-        return tf.constant(boxes)
+        return tf.constant(boxes), tf.constant([True, False])
 
-    pixels, shifted = data.decode_crops(encoded, draw)
+    pixels, shifted, extra = data.decode_crops(encoded, draw)
+    np.testing.assert_array_equal(extra, [True, False])  # what draw drew besides the boxes
     assert asked == [(180, 200)]  # from the header
     for (t, l, h, w), (t2, l2, h2, w2) in zip(boxes, shifted.numpy()):
         assert (h2, w2) == (h, w)
@@ -307,7 +308,7 @@ def test_crops_decoded_from_a_jpeg_window_are_the_crops_of_the_whole_image(jpeg,
         assert np.abs(cut - whole[t:t + h, l:l + w]).max() <= 3  # libjpeg's edge upsampling
     png = tmp_path / 'big.png'
     Image.open(path).save(png)
-    pixels, same = data.decode_crops(tf.io.read_file(str(png)), draw)
+    pixels, same, _ = data.decode_crops(tf.io.read_file(str(png)), draw)
     np.testing.assert_array_equal(same, boxes)
     assert pixels.shape == (180, 200, 3)
 
