@@ -9,8 +9,8 @@ one per image, which is what makes it fast on a CPU.
 A pretraining view applies `config.augmentation_list` in order (default crop, flip, color, blur),
 except blur: like the authors, the training loop blurs whole batches after both views are made
 (`batch_random_blur`). Unlike them, the step also applies a trailing colour distortion to whole
-batches (`color_in_step`, `step_views`): the same draw per image, off the host. The paper's other ablation ops (Figure 5) are here too: cutout, Sobel
-filter, Gaussian noise, rotation.
+batches (`color_in_step`, `step_views`): the same draw per image, off the host. The paper's
+other ablation ops (Figure 5) are here too: cutout, Sobel filter, Gaussian noise, rotation.
 """
 
 from __future__ import annotations
@@ -377,9 +377,10 @@ def finish_views(crops: Sequence[tf.Tensor], names: Sequence[str], config: Confi
                  seeds: Sequence[Seed], scale: float = 255.0,
                  flips: Optional[tf.Tensor] = None) -> tf.Tensor:
     """`finish_view` of each crop with its seed, concatenated on channels: [S, S, 3V]; with
-    `flips` ([V] bools) each crop mirrored first where true (the same as mirroring before the
-    bicubic resize, which is symmetric). With no op left (the colour distortion in the training
-    step) one program flips, scales, clips and concatenates them all: one pass over the pixels."""
+    `flips` ([V] bools) each crop mirrored first where true (the same, to float rounding, as
+    mirroring before the bicubic resize, which is mirror-symmetric). With no op left (the
+    colour distortion in the training step) one program flips, scales, clips and concatenates
+    them all: one pass over the pixels."""
     if flips is None:
         flips = tf.zeros([len(crops)], tf.bool)
     if not names:

@@ -611,12 +611,14 @@ def build_dataset(config: Config, is_training: bool,
             tf.random.experimental.stateless_fold_in(element_key, index), num_views)
         if fast_crop:
             view_seeds = [augment.op_seeds(seeds[v]) for v in range(num_views)]
-            # All views' boxes in one draw, with their flips' coins when a flip follows the crop.
-            flip = tail[:1] == ('flip',)
-            plan = (lambda h, w: draw_views(h, w, view_seeds[0]['crop'], tf.stack(  # noqa: E731
-                [s['flip'] for s in view_seeds]))) if flip else (
-                lambda h, w: (draw(h, w, num_views, view_seeds[0]['crop']),
-                              tf.zeros([num_views], tf.bool)))
+            flip = tail[:1] == ('flip',)  # a flip right after the crop: drawn with it
+
+            def plan(h, w):  # all views' boxes (and flip coins) in one draw
+                crop_seed = view_seeds[0]['crop']
+                if flip:
+                    return draw_views(h, w, crop_seed, tf.stack([s['flip'] for s in view_seeds]))
+                return draw(h, w, num_views, crop_seed), tf.zeros([num_views], tf.bool)
+
             stand_in = tf.fill(list(_STAND_IN_SIZE) + [3], tf.constant(128, tf.uint8))
             crops = lambda x: decode_crops(source.encoded(x), plan)  # noqa: E731
             pixels, boxes, flips = (or_replace(source, x, crops, lambda: (stand_in,) + tuple(
@@ -624,7 +626,8 @@ def build_dataset(config: Config, is_training: bool,
             # Left in [0, 255] and unflipped: finish_views flips and scales in the same pass.
             views = [augment.resized_crop(pixels, boxes[v], config.image_size, rescale=False)
                      for v in range(num_views)]
-            rest, scale, flips = (tail[1:], 255.0, flips) if flip else (tail, 255.0, None)
+            rest, scale = (tail[1:] if flip else tail), 255.0
+            flips = flips if flip else None
         else:
             image = x if decoded else decode(x, caught)
             views = [augment.view(image, head, config, seeds[v]) for v in range(num_views)]
