@@ -54,7 +54,7 @@ def decode_only(paths: list, batch: int) -> tuple[tf.data.Dataset, str]:
 
 def crops_only(paths: list, batch: int, size: int) -> tf.data.Dataset:
     """The per-image path's crops alone: header, both views' boxes, decode, two flipped bicubic
-    crops in [0, 1], batched; no colour, no replacement of undecodable files."""
+    crops in [0, 1] (augment.finish_views), batched; no colour, no decode-failure catch."""
     draw = tf.function(augment.sample_crops, jit_compile=True, autograph=False)
     key = tf.constant([0, 1], tf.int64)
 
@@ -62,8 +62,8 @@ def crops_only(paths: list, batch: int, size: int) -> tf.data.Dataset:
         seed = tf.random.experimental.stateless_fold_in(key, index)
         pixels, boxes, flips = data.decode_crops(tf.io.read_file(path), lambda h, w: (
             draw(h, w, 2, seed), augment.flip_coins(2, seed)))
-        return tf.concat([augment.resized_crop(pixels, boxes[v], size, flips[v])
-                          for v in range(2)], -1)
+        crops = [augment.resized_crop(pixels, boxes[v], size, rescale=False) for v in range(2)]
+        return augment.finish_views(crops, (), None, (), 255.0, flips)
 
     return (tf.data.Dataset.from_tensor_slices(paths).repeat().enumerate()
             .map(views, num_parallel_calls=tf.data.AUTOTUNE)

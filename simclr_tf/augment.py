@@ -171,16 +171,13 @@ def crop_and_resize(images: tf.Tensor, boxes: tf.Tensor, size: int) -> tf.Tensor
     return tf.einsum('bsxtc,bxt->bsxc', x, col_w)
 
 
-def resized_crop(image: tf.Tensor, box: tf.Tensor, size: int,
-                 flip: Optional[tf.Tensor] = None, rescale: bool = True) -> tf.Tensor:
+def resized_crop(image: tf.Tensor, box: tf.Tensor, size: int, rescale: bool = True
+                 ) -> tf.Tensor:
     """The box (top, left, height, width) of one image [H, W, 3] (uint8 or float in [0, 1]),
     resized to size x size with tf.image.resize's bicubic (the authors' resize): float32.
-    With `flip` (a bool) mirrored first where true: the same as mirroring the resized crop (the
-    resize is symmetric), on the smaller uint8 window. rescale=False leaves a uint8 image's
-    crop in [0, 255] (`finish_view` scales it inside its program, saving a pass)."""
+    rescale=False leaves a uint8 image's crop in [0, 255] (`finish_views` scales it inside its
+    program, saving a pass)."""
     window = tf.slice(image, tf.stack([box[0], box[1], 0]), tf.stack([box[2], box[3], 3]))
-    if flip is not None:
-        window = tf.cond(flip, lambda: tf.reverse(window, [1]), lambda: window)
     # The same numbers from a float window, ~20 % sooner: the kernel is slower reading uint8.
     out = tf.image.resize(tf.cast(window, tf.float32), [size, size], method='bicubic')
     return out / 255.0 if image.dtype == tf.uint8 and rescale else out
@@ -356,7 +353,7 @@ def _draw_color(seed: Seed, strength: float, brightness: str) -> tuple:
 def _finish_color(crop: tf.Tensor, scale: float, *drawn) -> tf.Tensor:
     """A resized crop [S, S, 3] in [0, scale] -> [0, 1], clipped, then coloured (`drawn`:
     `_draw_color`'s), one program."""
-    return _color_steps(tf.clip_by_value(crop / scale, 0.0, 1.0)[None], *drawn)[0]
+    return _color_steps(_unit(crop, scale)[None], *drawn)[0]
 
 
 def finish_view(crop: tf.Tensor, names: Sequence[str], config: Config, seed: Seed,
