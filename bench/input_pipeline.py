@@ -16,10 +16,14 @@ where a file is not a JPEG) and, with --authors_code, (c) the authors' augmentat
 `data_util.preprocess_image` twice per image, their shuffle / map / batch / prefetch, files
 read and decoded in place of TFDS) and, with --floor, (d) the per-image path's work without its
 colour distortion and decode-failure handling (header, crop draw, decode, two flipped bicubic
-crops, batch). Machine load hits all alike. The stream leaves the colour distortion to the
+crops, batch) and (e) TF's kernels alone (header, crop draw, decode, two bicubic resizes, one
+pixel a view kept): what any faithful pipeline must run. Machine load hits all alike. At 224 px
+time windows of --steps=30 or more: a fresh iterator starts with work in flight, which a short
+window counts (10 steps overstated a deeper pipeline by ~13 % here). The stream leaves the colour distortion to the
 training step (augment.color_in_step): `in_training_step` times that program on one of the
 stream's batches on this CPU, the work moved off the host. Prints one JSON line: best and median
-images/s of each, the medians' ratios, the process's CPU time per wall second, the command.
+images/s of each, the medians' ratios, the process's CPU time per wall second and per source
+image, the command.
 """
 
 import argparse
@@ -70,6 +74,26 @@ def crops_only(paths: list, batch: int, size: int) -> tf.data.Dataset:
             .batch(batch).prefetch(tf.data.AUTOTUNE))
 
 
+def kernels_only(paths: list, batch: int, size: int) -> tf.data.Dataset:
+    """TF's kernels that any faithful pipeline runs, and nothing else: header, both views' boxes,
+    decode and two bicubic resizes, of which one pixel a view is kept (nothing is finished,
+    concatenated or batched but scalars). The rate no arrangement of the rest can pass."""
+    draw = tf.function(augment.sample_crops, jit_compile=True, autograph=False)
+    key = tf.constant([0, 1], tf.int64)
+
+    def corners(index, path):
+        seed = tf.random.experimental.stateless_fold_in(key, index)
+        pixels, boxes, _ = data.decode_crops(tf.io.read_file(path),
+                                             lambda h, w: (draw(h, w, 2, seed), ()))
+        # One pixel of each output keeps the whole resize: the kernel writes all of it.
+        return tf.stack([augment.resized_crop(pixels, boxes[v], size, rescale=False)[0, 0, 0]
+                         for v in range(2)])
+
+    return (tf.data.Dataset.from_tensor_slices(paths).repeat().enumerate()
+            .map(corners, num_parallel_calls=tf.data.AUTOTUNE)
+            .batch(batch).prefetch(tf.data.AUTOTUNE))
+
+
 def _head(path: str) -> bytes:
     with open(path, 'rb') as f:
         return f.read(3)
@@ -95,6 +119,15 @@ def authors(code_dir: str, paths: list, batch: int, size: int, strength: float
             .with_options(options).shuffle(batch * (50 if size <= 32 else 10)).repeat(-1)
             .map(map_fn, tf.data.AUTOTUNE).batch(batch, drop_remainder=True)
             .prefetch(tf.data.AUTOTUNE))
+
+
+def _floor(name: str, rates: list, median: dict) -> dict:
+    """A floor stream's figures: best and median, and its median over decode-only's and the
+    authors'."""
+    return {name: {'best': round(max(rates)), 'median': round(median[name])},
+            f'{name}_ratio_to_decode_only': round(median[name] / median['decode_only'], 3),
+            **({f'{name}_over_authors': round(median[name] / median['authors'], 2)}
+               if 'authors' in median else {})}
 
 
 def main() -> None:
@@ -139,6 +172,7 @@ def main() -> None:
     streams['decode_only'] = reference
     if args.floor:
         streams['crops_only'] = crops_only(paths, args.batch, args.image_size)
+        streams['kernels_only'] = kernels_only(paths, args.batch, args.image_size)
     if args.authors_code:
         streams['authors'] = authors(args.authors_code, paths, args.batch, args.image_size,
                                      args.color_jitter_strength)
@@ -183,14 +217,11 @@ def main() -> None:
             'ratio_to_authors': round(median['pipeline'] / median['authors'], 2),
             'authors_ratio_to_decode_only': round(median['authors'] / median['decode_only'], 3)}
            if 'authors' in rates else {}),
-        **({'crops_only': {'best': round(max(rates['crops_only'])),
-                           'median': round(median['crops_only'])},
-            'crops_only_ratio_to_decode_only': round(median['crops_only'] / median['decode_only'],
-                                                     3),
-            **({'crops_only_over_authors': round(median['crops_only'] / median['authors'], 2)}
-               if 'authors' in rates else {})}
-           if 'crops_only' in rates else {}),
+        **{key: value for name in ('crops_only', 'kernels_only') if name in rates
+           for key, value in _floor(name, rates[name], median).items()},
         'cpu_per_wall_s': {name: round(statistics.median(c), 2) for name, c in cpu.items()},
+        'cpu_ms_per_image': {name: round(1e3 * statistics.median(c) / median[name], 2)
+                             for name, c in cpu.items()},
         **moved,
         'cache': args.cache, 'image_size': args.image_size,
         'warmup_s': round(warmup_s, 1), 'train_examples': info.num_train_examples,

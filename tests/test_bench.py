@@ -104,3 +104,28 @@ def test_program_runs_reads_progress_lines_after_the_first():
     lines = program_runs.flag_lines(Config(seed=3, model_dir='/x'), train_steps=7)
     assert '--train_steps=7' in lines and not any(
         line.startswith(('--seed', '--model_dir', '--checkpoint=')) for line in lines)
+
+
+def test_input_pipeline_bench_prints_every_stream_and_its_floors(tmp_path, sample_dir):
+    """The 224 px benchmark's command on a small folder of mixed sizes: one JSON line with the
+    pipeline, decode-only and both floors (rates > 0, CPU ms per image)."""
+    import subprocess
+    from PIL import Image
+    cats = sorted(os.listdir(os.path.join(sample_dir, 'train', 'cat')))[:8]
+    for i, name in enumerate(cats):
+        os.makedirs(tmp_path / 'train' / f'c{i % 2}', exist_ok=True)
+        Image.open(os.path.join(sample_dir, 'train', 'cat', name)).resize(
+            (40 + 5 * i, 36 + 3 * i)).save(tmp_path / 'train' / f'c{i % 2}' / f'{i}.jpg')
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, 'bench', 'input_pipeline.py'), f'--data={tmp_path}',
+         '--no-cache', '--image_size=24', '--batch=4', '--steps=2', '--windows=1',
+         '--window_warmup=0', '--warmup_steps=1', '--floor'],
+        capture_output=True, text=True, timeout=300, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result['batch_shape'] == [4, 24, 24, 6]
+    assert result['best'] > 0 and result['decode_only']['median'] > 0
+    for floor in ('crops_only', 'kernels_only'):
+        assert result[floor]['median'] > 0 and result[f'{floor}_ratio_to_decode_only'] > 0
+    assert set(result['cpu_ms_per_image']) == {'pipeline', 'decode_only', 'crops_only',
+                                               'kernels_only'}
+    assert result['in_training_step']['ops'] == 'color'
