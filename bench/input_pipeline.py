@@ -4,7 +4,7 @@ and in the same run the rate of plain JPEG decoding of the same files, as a refe
     python bench/input_pipeline.py --data=/tmp/cifar10 \\
         [--extract=../shared/data/cifar10-jpg.tar.gz] [--batch=256] [--windows=5]
     python bench/input_pipeline.py --data=/tmp/imagenet_sample --no-cache --image_size=224 \\
-        --batch=64 --steps=8 [--extract=../shared/data/imagenet-sample-250.tar.gz] \\
+        --batch=64 --steps=30 [--extract=../shared/data/imagenet-sample-250.tar.gz] \\
         [--authors_code=/work/authors_simclr/tf2] [--floor]
 
 Reads the image folder's train split with train_mode pretrain, colour strength 1.0, the
@@ -17,13 +17,13 @@ where a file is not a JPEG) and, with --authors_code, (c) the authors' augmentat
 read and decoded in place of TFDS) and, with --floor, (d) the per-image path's work without its
 colour distortion and decode-failure handling (header, crop draw, decode, two flipped bicubic
 crops, batch) and (e) TF's kernels alone (header, crop draw, decode, two bicubic resizes, one
-pixel a view kept): what any faithful pipeline must run. Machine load hits all alike. At 224 px
-time windows of --steps=30 or more: a fresh iterator starts with work in flight, which a short
-window counts (10 steps overstated a deeper pipeline by ~13 % here). The stream leaves the colour distortion to the
-training step (augment.color_in_step): `in_training_step` times that program on one of the
-stream's batches on this CPU, the work moved off the host. Prints one JSON line: best and median
-images/s of each, the medians' ratios, the process's CPU time per wall second and per source
-image, the command.
+pixel a view kept): what a faithful pipeline on TF's kernels must run. Machine load hits all
+alike. At 224 px time windows of --steps=30 or more: a fresh iterator starts with work in
+flight, which a short window counts (10 steps overstated a deeper pipeline by ~13 % here). The
+stream leaves the colour distortion to the training step (augment.color_in_step):
+`in_training_step` times that program on one of the stream's batches on this CPU, the work
+moved off the host. Prints one JSON line: best and median images/s of each, the medians'
+ratios, the process's CPU time per wall second and per source image, the command.
 """
 
 import argparse
