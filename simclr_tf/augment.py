@@ -378,25 +378,25 @@ def finish_views(crops: Sequence[tf.Tensor], names: Sequence[str], config: Confi
     mirroring before the bicubic resize, which is mirror-symmetric). With no op left (the
     colour distortion in the training step) one program flips, scales, clips and concatenates
     them all: one pass over the pixels."""
-    if flips is None:
-        flips = tf.zeros([len(crops)], tf.bool)
     if not names:
         return _xla(_units)(list(crops), scale, flips)
-    return tf.concat([finish_view(_mirror(c, f), names, config, s, scale)
-                      for c, s, f in zip(crops, seeds, tf.unstack(flips, num=len(crops)))], -1)
+    crops = crops if flips is None else _mirrored(crops, flips)
+    return tf.concat([finish_view(c, names, config, s, scale) for c, s in zip(crops, seeds)], -1)
 
 
-def _mirror(image: tf.Tensor, flip: tf.Tensor) -> tf.Tensor:
-    return tf.where(flip, tf.reverse(image, [1]), image)
+def _mirrored(crops: Sequence[tf.Tensor], flips: tf.Tensor) -> list[tf.Tensor]:
+    return [tf.where(f, tf.reverse(c, [1]), c)
+            for c, f in zip(crops, tf.unstack(flips, num=len(crops)))]
 
 
 def _unit(crop: tf.Tensor, scale: float) -> tf.Tensor:
     return tf.clip_by_value(crop / scale, 0.0, 1.0)
 
 
-def _units(crops: list, scale: float, flips: tf.Tensor) -> tf.Tensor:
-    return tf.concat([_unit(_mirror(c, f), scale)
-                      for c, f in zip(crops, tf.unstack(flips, num=len(crops)))], -1)
+def _units(crops: list, scale: float, flips: Optional[tf.Tensor]) -> tf.Tensor:
+    # Without flips nothing is mirrored: no reverse computed and thrown away.
+    crops = crops if flips is None else _mirrored(crops, flips)
+    return tf.concat([_unit(c, scale) for c in crops], -1)
 
 
 def _grey(rgb: list) -> tf.Tensor:
