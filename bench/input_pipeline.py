@@ -35,6 +35,7 @@ import statistics
 import sys
 import tarfile
 import time
+from typing import Callable
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -59,38 +60,36 @@ def decode_only(paths: list, batch: int) -> tuple[tf.data.Dataset, str]:
 def crops_only(paths: list, batch: int, size: int) -> tf.data.Dataset:
     """The per-image path's crops alone: header, both views' boxes, decode, two flipped bicubic
     crops in [0, 1] (augment.finish_views), batched; no colour, no decode-failure catch."""
-    draw = tf.function(augment.sample_crops, jit_compile=True, autograph=False)
-    key = tf.constant([0, 1], tf.int64)
-
-    def views(index, path):
-        seed = tf.random.experimental.stateless_fold_in(key, index)
-        pixels, boxes, flips = data.decode_crops(tf.io.read_file(path), lambda h, w: (
-            draw(h, w, 2, seed), augment.flip_coins(2, seed)))
-        crops = [augment.resized_crop(pixels, boxes[v], size, rescale=False) for v in range(2)]
-        return augment.finish_views(crops, (), None, (), 255.0, flips)
-
-    return (tf.data.Dataset.from_tensor_slices(paths).repeat().enumerate()
-            .map(views, num_parallel_calls=tf.data.AUTOTUNE)
-            .batch(batch).prefetch(tf.data.AUTOTUNE))
+    return _resized_crops(paths, batch, size, True, lambda crops, flips: augment.finish_views(
+        crops, (), None, (), 255.0, flips))
 
 
 def kernels_only(paths: list, batch: int, size: int) -> tf.data.Dataset:
     """TF's kernels that any faithful pipeline runs, and nothing else: header, both views' boxes,
     decode and two bicubic resizes, of which one pixel a view is kept (nothing is finished,
     concatenated or batched but scalars). The rate no arrangement of the rest can pass."""
+    # One pixel of each output keeps the whole resize: the kernel writes all of it.
+    return _resized_crops(paths, batch, size, False,
+                          lambda crops, _: tf.stack([c[0, 0, 0] for c in crops]))
+
+
+def _resized_crops(paths: list, batch: int, size: int, flip_coins: bool,
+                   out: Callable[[list, tf.Tensor], tf.Tensor]) -> tf.data.Dataset:
+    """Endless batches of out(crops, coins) for each file: both views' boxes (and, with
+    flip_coins, their flips) drawn from the header's size, the file decoded for them
+    (data.decode_crops) and each box resized to size (bicubic, left in [0, 255])."""
     draw = tf.function(augment.sample_crops, jit_compile=True, autograph=False)
     key = tf.constant([0, 1], tf.int64)
 
-    def corners(index, path):
+    def one(index, path):
         seed = tf.random.experimental.stateless_fold_in(key, index)
-        pixels, boxes, _ = data.decode_crops(tf.io.read_file(path),
-                                             lambda h, w: (draw(h, w, 2, seed), ()))
-        # One pixel of each output keeps the whole resize: the kernel writes all of it.
-        return tf.stack([augment.resized_crop(pixels, boxes[v], size, rescale=False)[0, 0, 0]
-                         for v in range(2)])
+        pixels, boxes, coins = data.decode_crops(tf.io.read_file(path), lambda h, w: (
+            draw(h, w, 2, seed), augment.flip_coins(2, seed) if flip_coins else ()))
+        return out([augment.resized_crop(pixels, boxes[v], size, rescale=False)
+                    for v in range(2)], coins)
 
     return (tf.data.Dataset.from_tensor_slices(paths).repeat().enumerate()
-            .map(corners, num_parallel_calls=tf.data.AUTOTUNE)
+            .map(one, num_parallel_calls=tf.data.AUTOTUNE)
             .batch(batch).prefetch(tf.data.AUTOTUNE))
 
 
