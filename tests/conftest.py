@@ -26,3 +26,17 @@ def two_replicas() -> tf.distribute.Strategy:
 def sample_dir() -> str:
     """The embedded real-image sample: data/cifar10_sample/{train,test}/<class>/*.jpg."""
     return SAMPLE_DIR
+
+
+@pytest.fixture
+def mixed_folder(tmp_path) -> str:
+    """An image folder of 12 JPEGs of mixed sizes (the per-image path), made from the sample's
+    cats: train/c0 and train/c1."""
+    from PIL import Image
+    root = tmp_path / 'mixed'
+    cats = os.path.join(SAMPLE_DIR, 'train', 'cat')
+    for i, path in enumerate(sorted(os.listdir(cats))[:12]):
+        os.makedirs(root / 'train' / f'c{i % 2}', exist_ok=True)
+        Image.open(os.path.join(cats, path)).resize((40 + 4 * i, 36 + 3 * (i % 3))).save(
+            root / 'train' / f'c{i % 2}' / f'{i:02d}.jpg', quality=95)
+    return str(root)

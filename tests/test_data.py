@@ -313,24 +313,14 @@ def test_crops_decoded_from_a_jpeg_window_are_the_crops_of_the_whole_image(jpeg,
     assert pixels.shape == (180, 200, 3)
 
 
-def _mixed_sizes(root, sample_dir, n=12) -> str:
-    """An image folder of n JPEGs of mixed sizes (the per-image path), made from the sample."""
-    for i, path in enumerate(sorted(os.listdir(os.path.join(sample_dir, 'train', 'cat')))[:n]):
-        image = Image.open(os.path.join(sample_dir, 'train', 'cat', path))
-        os.makedirs(os.path.join(root, 'train', 'c%d' % (i % 2)), exist_ok=True)
-        image.resize((40 + 4 * i, 36 + 3 * (i % 3))).save(
-            os.path.join(root, 'train', 'c%d' % (i % 2), f'{i:02d}.jpg'), quality=95)
-    return str(root)
-
-
 @pytest.mark.parametrize('mixed', [False, True])
-def test_the_stream_leaves_a_trailing_colour_distortion_to_the_step(config, tmp_path,
-                                                                    sample_dir, mixed):
+def test_the_stream_leaves_a_trailing_colour_distortion_to_the_step(config, mixed_folder,
+                                                                    mixed):
     # Each op draws from its name's seed, so the default views without colour are exactly the
     # crop + flip views; colour elsewhere in the list stays in the stream.
     cfg = config.replace(color_jitter_strength=1.0)
     if mixed:
-        cfg = cfg.replace(dataset=_mixed_sizes(tmp_path / 'mixed', sample_dir))
+        cfg = cfg.replace(dataset=mixed_folder)
     default = batches(data.build_dataset(cfg, True), 2)
     plain = batches(data.build_dataset(cfg.replace(augmentations='crop,flip'), True), 2)
     for a, b in zip(default, plain):
@@ -339,10 +329,10 @@ def test_the_stream_leaves_a_trailing_colour_distortion_to_the_step(config, tmp_
     assert np.abs(coloured[0] - plain[0]).max() > 0.1
 
 
-def test_one_undecodable_image_of_a_batch_leaves_the_others_as_they_were(config, tmp_path,
-                                                                          sample_dir, caplog):
+def test_one_undecodable_image_of_a_batch_leaves_the_others_as_they_were(config, mixed_folder,
+                                                                          caplog):
     # The batch is made again with each decode caught: the other images are the same views.
-    root = _mixed_sizes(tmp_path / 'mixed', sample_dir)
+    root = mixed_folder
     cfg = config.replace(dataset=root)
     good = batches(data.build_dataset(cfg, True), 1)[0]
     bad = os.path.join(root, 'train', 'c0', '04.jpg')
