@@ -25,86 +25,247 @@ class ConfigError(ValueError):
     """A bad value or combination of hyperparameters; the message names the fields."""
 
 
+_BOUND = re.compile(r'(>=?) (\S+)|([\[(])(\S+), (\S+)([\])])')
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """A field's allowed values, written as its error message prints them: '> 0', '>= 0',
+    '[0, 1)', '(0, 1]', '[-1, 4]'."""
+    text: str
+    low: float
+    high: float  # inf for '> x' and '>= x'
+    low_closed: bool
+    high_closed: bool
+
+    @classmethod
+    def parse(cls, text: str) -> 'Bound':
+        m = _BOUND.fullmatch(text)
+        if not m:
+            raise ValueError(f'bound {text!r} is neither "> x", ">= x" nor an interval "[a, b)"')
+        if m[1]:
+            return cls(text, float(m[2]), float('inf'), m[1] == '>=', False)
+        return cls(text, float(m[4]), float(m[5]), m[3] == '[', m[6] == ']')
+
+    def admits(self, value: float) -> bool:
+        above = self.low <= value if self.low_closed else self.low < value
+        below = value <= self.high if self.high_closed else value < self.high
+        return above and below
+
+    def error(self, name: str, value: float) -> str:
+        return f'{name}={value} must be {"" if self.text[0] == ">" else "in "}{self.text}'
+
+
+def _flag(default: Any, help: str, *, resumable: bool, choices: tuple = (),
+          bound: Optional[str] = None) -> Any:
+    """A field declared once: its default, its flag's help text, its own check (one of `choices`,
+    or within `bound`) and whether it may change when a run resumes in its model_dir.
+
+    Resumable fields are how long to train, what to do, evaluation, resources and bookkeeping;
+    every other field changes the model, the objective or the data stream, so resuming under
+    another value would silently mix two experiments (model_dir.check_config refuses it).
+    """
+    return dataclasses.field(default=default, metadata=dict(
+        help=help, resumable=resumable, choices=tuple(choices),
+        bound=Bound.parse(bound) if bound else None))
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """Every field is a flag of run.py; its metadata (see `_flag`) holds the flag's help text,
+    the field's own check and whether it is resumable. Checks across fields are in `validate`."""
+
     # --- optimisation (original flags) ---
-    learning_rate: float = 0.3
-    learning_rate_scaling: str = 'linear'  # linear: lr*B/256; sqrt: lr*sqrt(B)
-    warmup_epochs: float = 10.0
-    weight_decay: float = 1e-6
-    batch_norm_decay: float = 0.9
-    train_batch_size: int = 512
-    train_split: str = 'train'
-    train_epochs: int = 100
-    train_steps: int = 0
-    eval_steps: int = 0
-    eval_batch_size: int = 256
-    checkpoint_epochs: int = 1
-    checkpoint_steps: int = 0
-    eval_split: str = 'validation'
-    dataset: str = 'imagenet2012'
-    cache_dataset: bool = False
-    mode: str = 'train'  # train | eval | train_then_eval (| export: new)
-    train_mode: str = 'pretrain'  # pretrain | finetune
-    lineareval_while_pretraining: bool = True
-    checkpoint: Optional[str] = None
-    zero_init_logits_layer: bool = False
-    fine_tune_after_block: int = -1
-    master: Optional[str] = None
-    model_dir: Optional[str] = None
-    data_dir: Optional[str] = None
-    use_tpu: bool = True
-    tpu_name: Optional[str] = None
-    tpu_zone: Optional[str] = None
-    gcp_project: Optional[str] = None
-    optimizer: str = 'lars'  # lars | momentum | adam
-    momentum: float = 0.9
-    eval_name: Optional[str] = None
-    keep_checkpoint_max: int = 5
-    keep_hub_module_max: int = 1  # 0 keeps every export, as the authors' code
+    learning_rate: float = _flag(
+        0.3, 'Initial learning rate per batch size of 256 (see learning_rate_scaling).',
+        bound='>= 0', resumable=False)
+    learning_rate_scaling: str = _flag(  # linear: lr*B/256; sqrt: lr*sqrt(B)
+        'linear', 'How to scale the learning rate as a function of batch size.',
+        choices=('linear', 'sqrt'), resumable=False)
+    warmup_epochs: float = _flag(
+        10.0, 'Number of epochs of linear warmup.', bound='>= 0', resumable=False)
+    weight_decay: float = _flag(
+        1e-6, 'Amount of weight decay to use.', bound='>= 0', resumable=False)
+    batch_norm_decay: float = _flag(
+        0.9, 'Batch norm decay (moving-average momentum).', bound='(0, 1)', resumable=False)
+    train_batch_size: int = _flag(
+        512, 'Global batch size for training.', bound='> 0', resumable=False)
+    train_split: str = _flag('train', 'Split for training.', resumable=False)
+    train_epochs: int = _flag(
+        100, 'Number of epochs to train for.', bound='>= 0', resumable=True)
+    train_steps: int = _flag(
+        0, 'Number of steps to train for. If provided, overrides train_epochs.',
+        bound='>= 0', resumable=True)
+    eval_steps: int = _flag(
+        0, 'Number of steps to eval for. If not provided, evals over the entire split.',
+        bound='>= 0', resumable=True)
+    eval_batch_size: int = _flag(
+        256, 'Global batch size for eval.', bound='> 0', resumable=True)
+    checkpoint_epochs: int = _flag(
+        1, 'Number of epochs between checkpoints/summaries.', bound='>= 0', resumable=True)
+    checkpoint_steps: int = _flag(
+        0, 'Number of steps between checkpoints/summaries. If provided, overrides '
+        'checkpoint_epochs.', bound='>= 0', resumable=True)
+    eval_split: str = _flag('validation', 'Split for evaluation.', resumable=True)
+    dataset: str = _flag(
+        'imagenet2012', 'A TFDS name (cifar10, imagenet2012_subset/1pct) or a directory laid out '
+        '<split>/<class>/<image file>.', resumable=False)
+    cache_dataset: bool = _flag(
+        False, 'Whether to cache the entire dataset in memory.', resumable=True)
+    mode: str = _flag(
+        'train', 'Whether to train, evaluate, train then evaluate, or (new) export the latest '
+        'checkpoint as a SavedModel.',
+        choices=('train', 'eval', 'train_then_eval', 'export'), resumable=True)
+    train_mode: str = _flag(
+        'pretrain', 'The train mode controls different objectives and trainable components.',
+        choices=('pretrain', 'finetune'), resumable=False)
+    lineareval_while_pretraining: bool = _flag(
+        True, 'Whether to finetune a linear head on top of the frozen encoder while pretraining '
+        '(behind a stop-gradient).', resumable=False)
+    # checkpoint, variable_schema, zero_init_logits_layer: only read when a run starts without a
+    # checkpoint of its own (fine-tuning's initial weights), hence resumable.
+    checkpoint: Optional[str] = _flag(
+        None, 'Checkpoint prefix or directory to start from (fine-tuning), if model_dir has none: '
+        'one of this project, or one of the authors\' TF2 checkpoints or SavedModels (their model '
+        'zoo, local or gs://; see the README).', resumable=True)
+    zero_init_logits_layer: bool = _flag(
+        False, 'If True, zero-initialise the supervised head after restoring from --checkpoint '
+        '(a run without one keeps N(0, 0.01)).', resumable=True)
+    fine_tune_after_block: int = _flag(
+        -1, 'Freeze the encoder up to this block when fine-tuning: -1 none, 0 the stem, 1..4 '
+        'block groups (4 = linear evaluation).', bound='[-1, 4]', resumable=False)
+    master: Optional[str] = _flag(
+        None, 'Address/name of the TensorFlow master to use (TPU). By default, local.',
+        resumable=True)
+    model_dir: Optional[str] = _flag(
+        None, 'Model directory for checkpoints, summaries, results and exports.', resumable=True)
+    data_dir: Optional[str] = _flag(
+        None, 'Directory where TFDS data is stored.', resumable=True)
+    use_tpu: bool = _flag(
+        True, 'Whether to run on TPU (the original\'s default is True: pass --use_tpu=False on '
+        'CPUs and GPUs).', resumable=True)
+    tpu_name: Optional[str] = _flag(
+        None, 'The Cloud TPU to use for training.', resumable=True)
+    tpu_zone: Optional[str] = _flag(None, 'GCE zone of the Cloud TPU.', resumable=True)
+    gcp_project: Optional[str] = _flag(
+        None, 'Project name of the Cloud TPU-enabled project.', resumable=True)
+    optimizer: str = _flag(
+        'lars', 'Optimizer to use.', choices=('momentum', 'adam', 'lars'),  # the authors' order
+        resumable=False)
+    momentum: float = _flag(0.9, 'Momentum parameter.', bound='[0, 1)', resumable=False)
+    eval_name: Optional[str] = _flag(
+        None, 'Name for eval (summaries go to model_dir/eval_name).', resumable=True)
+    keep_checkpoint_max: int = _flag(
+        5, 'Maximum number of checkpoints to keep.', bound='> 0', resumable=True)
+    keep_hub_module_max: int = _flag(
+        1, 'Maximum number of SavedModel exports to keep (0: keep every one).',
+        bound='>= 0', resumable=True)
     # --- loss and heads ---
-    temperature: float = 0.1
-    hidden_norm: bool = True
-    proj_head_mode: str = 'nonlinear'  # none | linear | nonlinear
-    proj_out_dim: int = 128
-    num_proj_layers: int = 3
-    ft_proj_selector: int = 0
+    temperature: float = _flag(
+        0.1, 'Temperature parameter for the contrastive loss.', bound='> 0', resumable=False)
+    hidden_norm: bool = _flag(
+        True, 'Temperature parameter for contrastive loss: l2-normalise the projection output.',
+        resumable=False)
+    proj_head_mode: str = _flag(
+        'nonlinear', 'How the head projection is done.',
+        choices=('none', 'linear', 'nonlinear'), resumable=False)
+    proj_out_dim: int = _flag(
+        128, 'Number of head projection dimension.', bound='> 0', resumable=False)
+    num_proj_layers: int = _flag(3, 'Number of non-linear head layers.', resumable=False)
+    ft_proj_selector: int = _flag(
+        0, 'Which layer of the projection head to use during fine-tuning: 0 means no projection '
+        'head, -1 the final layer.', resumable=False)
     # --- encoder ---
-    global_bn: bool = True
-    width_multiplier: float = 1.0
-    resnet_depth: int = 50
-    sk_ratio: float = 0.0
-    se_ratio: float = 0.0
-    image_size: int = 224
+    global_bn: bool = _flag(
+        True, 'Whether to aggregate BN statistics across distributed cores.', resumable=False)
+    width_multiplier: float = _flag(  # checked in validate: it must also give >= 1 channel
+        1.0, 'Multiplier to change width of network (fractions such as 0.25 allowed).',
+        resumable=False)
+    resnet_depth: int = _flag(
+        50, 'Depth of ResNet.', choices=RESNET_DEPTHS, resumable=False)
+    sk_ratio: float = _flag(
+        0.0, 'If it is bigger than 0, it will enable SK. Recommendation: 0.0625.',
+        bound='[0, 1)', resumable=False)
+    se_ratio: float = _flag(
+        0.0, 'If it is bigger than 0, it will enable SE.', bound='[0, 1)', resumable=False)
+    image_size: int = _flag(224, 'Input image size.', bound='> 0', resumable=False)
     # --- augmentation ---
-    color_jitter_strength: float = 1.0
-    use_blur: bool = True
+    color_jitter_strength: float = _flag(
+        1.0, 'The strength of color jittering.', bound='>= 0', resumable=False)
+    use_blur: bool = _flag(
+        True, 'Whether or not to use Gaussian blur for augmentation during pretraining.',
+        resumable=False)
     # --- from the TF1 version ---
-    train_summary_steps: int = 100  # 0: no step summaries, as the TF1 flag
+    train_summary_steps: int = _flag(
+        100, 'Steps between training summaries (TF1 flag; 0: no step summaries); also bounds '
+        'steps per loop.', bound='>= 0', resumable=True)
     # The TF1 default '?!global_step' is not a valid regex (re.compile raises); its evident
     # meaning, every variable but the global step, is written out here.
-    variable_schema: str = '(?!global_step)'
+    variable_schema: str = _flag(
+        '(?!global_step)', 'Regex (re.match on variable paths) of checkpoint variables to restore '
+        'when starting from --checkpoint (TF1 flag).', resumable=True)
     # --- new ---
-    contrastive_loss: str = 'nt_xent'
-    margin: float = 0.5  # margin triplet
-    semi_hard: bool = False  # margin triplet with semi-hard negative mining
-    augmentations: str = 'crop,flip,color,blur'
-    brightness: str = 'multiplicative'  # multiplicative (SimCLRv2) | additive (v1)
-    seed: Optional[int] = None
-    cpu_replicas: int = 0
-    jit_compile: bool = False
-    mixed_precision: str = 'none'  # none | bfloat16 | float16
-    steps_per_loop: int = 0  # 0: min(checkpoint steps, train_summary_steps if > 0)
-    knn_k: int = 200
-    knn_temperature: float = 0.1
-    knn_train_examples: int = 100_000  # train examples the kNN monitor uses; 0 turns it off
-    eval_timeout: int = 0  # mode=eval: seconds to wait for a new checkpoint; 0 = until the last
-    label_fraction: float = 1.0  # fine-tuning on a balanced, seeded share of train_split's labels
-    inter_op_threads: int = 0  # TensorFlow's thread pools; 0 = its default (one per core)
-    intra_op_threads: int = 0
-    label_seed: int = 0  # which label subset (independent of `seed`, so runs can share one)
-    frozen_bn: str = 'batch'  # see FROZEN_BN_MODES
-    start_over: bool = False  # train from scratch in a used model_dir (its files moved aside)
+    contrastive_loss: str = _flag(
+        'nt_xent', 'New. The contrastive objective (paper Table 2).',
+        choices=CONTRASTIVE_LOSSES, resumable=False)
+    margin: float = _flag(
+        0.5, 'New. Margin of the margin triplet loss.', bound='>= 0', resumable=False)
+    semi_hard: bool = _flag(
+        False, 'New. Semi-hard negative mining for the margin triplet loss.', resumable=False)
+    augmentations: str = _flag(
+        'crop,flip,color,blur', 'New. Ordered, comma-separated augmentation operators of a '
+        'pretraining view: crop, flip, color, blur, cutout, sobel, noise, rotate.',
+        resumable=False)
+    brightness: str = _flag(
+        'multiplicative', 'New. Brightness jitter: multiplicative (SimCLRv2) or additive (v1).',
+        choices=('multiplicative', 'additive'), resumable=False)
+    seed: Optional[int] = _flag(
+        None, 'New. Seed for initialisation, data order and augmentations (reproducible runs).',
+        resumable=False)
+    cpu_replicas: int = _flag(
+        0, 'New. Split the CPU into N logical devices and mirror across them.',
+        bound='>= 0', resumable=True)
+    jit_compile: bool = _flag(
+        False, 'New. Compile the training step with XLA (one replica, or TPU).', resumable=True)
+    mixed_precision: str = _flag(
+        'none', 'New. Mixed precision policy: none, bfloat16 or float16.',
+        choices=('none', 'bfloat16', 'float16'), resumable=False)
+    steps_per_loop: int = _flag(
+        0, 'New. Steps per tf.function call (0: min(checkpoint steps, train_summary_steps if > '
+        '0)).', bound='>= 0', resumable=True)
+    knn_k: int = _flag(
+        200, 'New. Neighbours of the kNN monitor at eval.', bound='> 0', resumable=True)
+    knn_temperature: float = _flag(
+        0.1, 'New. Temperature of the kNN monitor\'s weighted vote.', bound='> 0',
+        resumable=True)
+    knn_train_examples: int = _flag(
+        100_000, 'New. Train examples the kNN monitor uses (0 turns it off).', bound='>= 0',
+        resumable=True)
+    eval_timeout: int = _flag(
+        0, 'New. mode=eval: seconds to wait for a new checkpoint before giving up (0: wait until '
+        'the last step\'s checkpoint, as the original).', bound='>= 0', resumable=True)
+    label_fraction: float = _flag(
+        1.0, 'New. Fine-tune on a class-balanced, seeded fraction of train_split (0.01, 0.1: the '
+        'paper\'s semi-supervised protocol on any dataset).', bound='(0, 1]', resumable=False)
+    inter_op_threads: int = _flag(
+        0, 'New. TensorFlow inter-op threads (0: its default). 1 lowers peak memory on small '
+        'CPUs at no cost in speed.', bound='>= 0', resumable=True)
+    intra_op_threads: int = _flag(
+        0, 'New. TensorFlow intra-op threads (0: its default, one per core).', bound='>= 0',
+        resumable=True)
+    label_seed: int = _flag(
+        0, 'New. Seed of the label_fraction subset (apart from --seed, so runs with different '
+        'seeds can share one subset).', resumable=False)
+    frozen_bn: str = _flag(
+        'batch', 'New. BN of the layers fine_tune_after_block (and ft_proj_selector) freeze, in a '
+        'training step: batch (the authors\' code) normalises with batch statistics and updates '
+        'the moving averages; inference keeps the pretrained statistics. Their weights are never '
+        'trained in either mode.', choices=FROZEN_BN_MODES, resumable=False)
+    start_over: bool = _flag(
+        False, 'New. Train from scratch in a model_dir that holds checkpoints, an export or '
+        'another run\'s config.json: its files are first moved (not deleted) to '
+        'model_dir/previous-<UTC time>/. Without it such a run stops and says what it found. '
+        'Pass it once, not in a command a scheduler reruns.', resumable=True)
 
     # ------------------------------------------------------------------
     @property
@@ -153,45 +314,20 @@ class Config:
             if not ok:
                 errors.append(message)
 
-        def choice(field: str, allowed: tuple) -> None:
-            value = getattr(self, field)
-            check(value in allowed, f'{field}={value!r} must be one of {", ".join(map(str, allowed))}')
-
-        choice('learning_rate_scaling', ('linear', 'sqrt'))
-        choice('mode', ('train', 'eval', 'train_then_eval', 'export'))
-        choice('train_mode', ('pretrain', 'finetune'))
-        choice('optimizer', ('lars', 'momentum', 'adam'))
-        choice('proj_head_mode', ('none', 'linear', 'nonlinear'))
-        choice('resnet_depth', RESNET_DEPTHS)
-        choice('contrastive_loss', CONTRASTIVE_LOSSES)
-        choice('brightness', ('multiplicative', 'additive'))
-        choice('mixed_precision', ('none', 'bfloat16', 'float16'))
-        choice('frozen_bn', FROZEN_BN_MODES)
-
-        for field in ('train_batch_size', 'eval_batch_size', 'image_size', 'proj_out_dim',
-                      'keep_checkpoint_max', 'knn_k'):
-            check(getattr(self, field) > 0, f'{field}={getattr(self, field)} must be > 0')
-        for field in ('train_steps', 'eval_steps', 'checkpoint_steps', 'train_epochs',
-                      'checkpoint_epochs', 'cpu_replicas', 'steps_per_loop', 'warmup_epochs',
-                      'weight_decay', 'learning_rate', 'knn_train_examples', 'eval_timeout',
-                      'inter_op_threads', 'intra_op_threads', 'keep_hub_module_max',
-                      'train_summary_steps'):
-            check(getattr(self, field) >= 0, f'{field}={getattr(self, field)} must be >= 0')
+        for field in dataclasses.fields(self):  # each field's own check, from its declaration
+            value, choices, bound = (getattr(self, field.name), field.metadata['choices'],
+                                     field.metadata['bound'])
+            if choices and value not in choices:
+                errors.append(f'{field.name}={value!r} must be one of '
+                              f'{", ".join(map(str, choices))}')
+            if bound is not None and not bound.admits(value):
+                errors.append(bound.error(field.name, value))
         check(self.train_steps > 0 or self.train_epochs > 0,
               'one of train_steps or train_epochs must be > 0')
         check(self.checkpoint_steps > 0 or self.checkpoint_epochs > 0,
               'one of checkpoint_steps or checkpoint_epochs must be > 0')
-        check(self.temperature > 0, f'temperature={self.temperature} must be > 0')
-        check(self.knn_temperature > 0, f'knn_temperature={self.knn_temperature} must be > 0')
-        check(0 <= self.momentum < 1, f'momentum={self.momentum} must be in [0, 1)')
-        check(0 < self.batch_norm_decay < 1,
-              f'batch_norm_decay={self.batch_norm_decay} must be in (0, 1)')
         check(self.width_multiplier > 0 and round(64 * self.width_multiplier) >= 1,
               f'width_multiplier={self.width_multiplier} must be > 0 (and give >= 1 channel)')
-        check(0 <= self.sk_ratio < 1, f'sk_ratio={self.sk_ratio} must be in [0, 1)')
-        check(0 <= self.se_ratio < 1, f'se_ratio={self.se_ratio} must be in [0, 1)')
-        check(self.color_jitter_strength >= 0,
-              f'color_jitter_strength={self.color_jitter_strength} must be >= 0')
         check(self.proj_head_mode != 'nonlinear' or self.num_proj_layers >= 1,
               f'num_proj_layers={self.num_proj_layers} must be >= 1 with proj_head_mode=nonlinear')
         if self.proj_head_mode in ('none', 'linear', 'nonlinear'):
@@ -202,14 +338,9 @@ class Config:
                   f'proj_head_mode={self.proj_head_mode} and num_proj_layers={self.num_proj_layers}'
                   f' it indexes [h, ...] of {last + 1} tensors, so it must be in '
                   f'[{-(last + 1)}, {last}]')
-        check(-1 <= self.fine_tune_after_block <= 4,
-              f'fine_tune_after_block={self.fine_tune_after_block} must be in [-1, 4]')
         check(not (self.train_mode == 'pretrain' and self.fine_tune_after_block != -1),
               f'fine_tune_after_block={self.fine_tune_after_block} only applies to '
               'train_mode=finetune; it must be -1 with train_mode=pretrain')
-        check(self.margin >= 0, f'margin={self.margin} must be >= 0')
-        check(0 < self.label_fraction <= 1,
-              f'label_fraction={self.label_fraction} must be in (0, 1]')
         check(self.label_fraction == 1 or self.train_mode == 'finetune',
               f'label_fraction={self.label_fraction} applies to train_mode=finetune (pretraining '
               'uses every image); it must be 1 with train_mode=pretrain')
