@@ -6,6 +6,7 @@ moved aside, only our own temporary files are removed.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -19,19 +20,9 @@ import tensorflow as tf
 from simclr_tf.config import Config, ConfigError
 
 # Fields that may differ between the run that wrote model_dir/config.json and a rerun in the same
-# model_dir: how long to train, what to do, evaluation, resources and bookkeeping. Every other
-# field changes the model, the objective or the data stream, so resuming under it would silently
-# mix two experiments.
-RESUMABLE_FIELDS = frozenset({
-    'mode', 'train_steps', 'train_epochs', 'checkpoint_steps', 'checkpoint_epochs',
-    'eval_steps', 'eval_batch_size', 'eval_split', 'eval_name', 'eval_timeout',
-    'knn_k', 'knn_temperature', 'knn_train_examples', 'keep_checkpoint_max',
-    'keep_hub_module_max', 'train_summary_steps', 'steps_per_loop', 'inter_op_threads',
-    'intra_op_threads', 'cpu_replicas', 'jit_compile', 'cache_dataset', 'data_dir', 'master',
-    'use_tpu', 'tpu_name', 'tpu_zone', 'gcp_project', 'model_dir', 'start_over',
-    # Only read when a run starts without a checkpoint of its own (fine-tuning's initial weights).
-    'checkpoint', 'variable_schema', 'zero_init_logits_layer',
-})
+# model_dir, as each field declares (config._flag's `resumable`).
+RESUMABLE_FIELDS = frozenset(
+    f.name for f in dataclasses.fields(Config) if f.metadata['resumable'])
 _LOCKS: dict[str, Any] = {}  # '<model_dir>:<role>' -> its open lock file, held until exit
 
 
