@@ -19,6 +19,7 @@ CONTRASTIVE_LOSSES = ('nt_xent', 'nt_logistic', 'margin_triplet')
 # BN of frozen layers in a training step: 'batch' (the authors') normalises with batch statistics
 # and updates the moving averages; 'inference' uses the pretrained moving statistics, untouched.
 FROZEN_BN_MODES = ('batch', 'inference')
+AUGMENT_PLACEMENTS = ('auto', 'host', 'step')
 
 
 class ConfigError(ValueError):
@@ -219,6 +220,15 @@ class Config:
     brightness: str = _flag(
         'multiplicative', 'New. Brightness jitter: multiplicative (SimCLRv2) or additive (v1).',
         choices=('multiplicative', 'additive'), resumable=False)
+    # Resumable: every placement draws from the same distributions, so a resumed run's stream of
+    # augmented views is the same experiment.
+    augment_placement: str = _flag(
+        'auto', 'New. Where the colour distortion runs: host (in the input pipeline, image by '
+        'image or batch by batch: the authors\' placement), step (on whole batches inside the '
+        'training step, compiled), auto (step on a GPU or TPU; on a CPU-only run the placement '
+        'measured faster there). Crop and flip always run in the input pipeline and blur in the '
+        'training step, as in the authors\' code; every placement draws from the same '
+        'distributions.', choices=AUGMENT_PLACEMENTS, resumable=True)
     seed: Optional[int] = _flag(
         None, 'New. Seed for initialisation, data order and augmentations (reproducible runs).',
         resumable=False)

@@ -98,7 +98,7 @@ def test_messages_read_as_before(message, changes):
 def test_resumable_fields_are_the_declared_ones():
     declared = {f.name for f in FIELDS if f.metadata['resumable']}
     assert model_dir.RESUMABLE_FIELDS == declared
-    assert {'train_steps', 'mode', 'eval_split', 'checkpoint'} <= declared
+    assert {'train_steps', 'mode', 'eval_split', 'checkpoint', 'augment_placement'} <= declared
     assert not {'temperature', 'learning_rate', 'resnet_depth', 'seed', 'dataset'} & declared
 
 
