@@ -37,7 +37,7 @@ Seed = tf.Tensor
 RNG = 'philox'
 
 
-def _seed(seed: Optional[Seed]) -> Seed:
+def stateless_seed(seed: Optional[Seed]) -> Seed:
     """A stateless seed: the given one, or a fresh random one."""
     if seed is None:
         return tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int64)
@@ -46,7 +46,8 @@ def _seed(seed: Optional[Seed]) -> Seed:
 
 # Philox named, not left to 'auto_select'. (XLA-compiled ops still draw other numbers than
 # plain ones from the same seed; both are deterministic.)
-def _split(seed: Seed, n: int) -> list[Seed]:
+def split_seed(seed: Seed, n: int) -> list[Seed]:
+    """n independent stateless seeds from one."""
     return tf.unstack(tf.random.experimental.stateless_split(seed, n, alg=RNG))
 
 
@@ -88,7 +89,7 @@ def sample_crops(height, width, n, seed: Seed) -> tf.Tensor:
     rejected if outside the ranges or under 10 % of the image. The offsets are uniform over
     [0, H - h) and [0, W - w), as the kernel's (never touching the far edge unless the crop
     spans the image). Seeded: the boxes are a pure function of (height, width, n, seed)."""
-    aspect_seed, height_seed, offset_seed = _split(seed, 3)
+    aspect_seed, height_seed, offset_seed = split_seed(seed, 3)
     big_h, big_w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
     min_area = CROP_AREA[0] * big_w * big_h  # float32, the kernel's order of operations
     max_area = CROP_AREA[1] * big_w * big_h
@@ -218,7 +219,7 @@ def random_flip(images: tf.Tensor, seed: Seed) -> tf.Tensor:
 def _jitter_params(b: tf.Tensor, strength: float, seed: Seed, brightness: str) -> tuple:
     """Per image: the order of the four ops ([b, 4]: the op at each step, 0 brightness,
     1 contrast, 2 saturation, 3 hue) and their parameters ([b] each)."""
-    order_seed, b_seed, c_seed, s_seed, h_seed = _split(seed, 5)
+    order_seed, b_seed, c_seed, s_seed, h_seed = split_seed(seed, 5)
     delta = 0.8 * strength
 
     def factor(seed):
@@ -410,7 +411,7 @@ def to_grayscale(images: tf.Tensor) -> tf.Tensor:
 
 def _color_coins(batch: tf.Tensor, seed: Seed) -> tuple[tf.Tensor, tf.Tensor, Seed]:
     """Per image: whether the jitter fires (p = 0.8), whether grayscale fires (p = 0.2)."""
-    jitter_coin, gray_coin, jitter_seed = _split(seed, 3)
+    jitter_coin, gray_coin, jitter_seed = split_seed(seed, 3)
     return (_uniform(jitter_coin, [batch]) < JITTER_P, _uniform(gray_coin, [batch]) < GRAYSCALE_P,
             jitter_seed)
 
@@ -453,7 +454,7 @@ def sobel(images: tf.Tensor) -> tf.Tensor:
 
 
 def gaussian_noise(images: tf.Tensor, seed: Seed) -> tf.Tensor:
-    std_seed, noise_seed = _split(seed, 2)
+    std_seed, noise_seed = split_seed(seed, 2)
     std = _per_image(_uniform(std_seed, [tf.shape(images)[0]], 0.0, NOISE_STD_MAX))
     return images + std * tf.random.stateless_normal(tf.shape(images), noise_seed, alg=RNG)
 
@@ -487,34 +488,6 @@ def pretrain_ops(config: Config) -> tuple[str, ...]:
     return tuple(name for name in config.augmentation_list if name != 'blur')
 
 
-def color_in_step(config: Config) -> bool:
-    """Whether the training step, not the input stream, applies the colour distortion: in
-    pretraining, when it is a view's last per-image op (only blur follows, which the step does
-    too). On whole batches in the step it is one compiled program on the accelerator; on the
-    host, image by image, it was a third of the input's CPU time at 224 px."""
-    return (config.train_mode == 'pretrain' and config.color_jitter_strength > 0
-            and pretrain_ops(config)[-1:] == ('color',))
-
-
-def stream_ops(config: Config) -> tuple[str, ...]:
-    """The ops the input stream applies to a pretraining view: `pretrain_ops` without the
-    colour distortion the step applies (`color_in_step`)."""
-    ops = pretrain_ops(config)
-    return ops[:-1] if color_in_step(config) else ops
-
-
-def step_views(views: list[tf.Tensor], config: Config, seed: Optional[Seed] = None
-               ) -> list[tf.Tensor]:
-    """What the training step does to the stream's [b, S, S, 3] views: the colour distortion
-    where `color_in_step` (each image its own draw, compiled), then `batch_random_blur`.
-    Under a distribution strategy give each replica its own seed."""
-    color_seed, blur_seed = (None, None) if seed is None else _split(_seed(seed), 2)
-    if color_in_step(config):
-        seeds = _split(_seed(color_seed), len(views))
-        views = [random_color_distortion(v, config, s, jit=True) for v, s in zip(views, seeds)]
-    return batch_random_blur(views, config, blur_seed)
-
-
 FINETUNE_OPS = ('crop', 'flip')  # the original's preprocess_for_train with color_distort=False
 
 
@@ -545,7 +518,7 @@ def _run(images: tf.Tensor, names: tuple[str, ...], size: int, seeds: tf.Tensor,
 def op_seeds(seed: Optional[Seed]) -> dict[str, Seed]:
     """The seed of each op of a view drawn with `seed` (by the op's name, not its place)."""
     return dict(zip(config_lib.AUGMENTATIONS,
-                    _split(_seed(seed), len(config_lib.AUGMENTATIONS))))
+                    split_seed(stateless_seed(seed), len(config_lib.AUGMENTATIONS))))
 
 
 def view(images: tf.Tensor, names: Sequence[str], config: Config, seed: Optional[Seed] = None,
@@ -605,7 +578,7 @@ def blur_radius(image_size: int) -> int:
 
 def _sample_blur(batch: tf.Tensor, seed: Seed) -> tuple[tf.Tensor, tf.Tensor]:
     """Per image: whether to blur (p = 0.5) and sigma ~ U(0.1, 2.0)."""
-    coin_seed, sigma_seed = _split(seed, 2)
+    coin_seed, sigma_seed = split_seed(seed, 2)
     return _uniform(coin_seed, [batch]) < BLUR_P, _uniform(sigma_seed, [batch], *BLUR_SIGMA)
 
 
@@ -638,7 +611,7 @@ def batch_random_blur(views: list[tf.Tensor], config: Config, seed: Optional[See
         return views
     radius = blur_radius(config.image_size)
     out = []
-    for images, view_seed in zip(views, _split(_seed(seed), len(views))):
+    for images, view_seed in zip(views, split_seed(stateless_seed(seed), len(views))):
         apply, sigma = _sample_blur(tf.shape(images)[0], view_seed)
         blurred = gaussian_blur(images, sigma, radius)
         out.append(tf.clip_by_value(_select(apply, blurred, images), 0.0, 1.0))

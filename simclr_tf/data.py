@@ -1,56 +1,39 @@
-"""Input pipelines: a TFDS builder or an image folder -> per-replica batches of (images, labels).
+"""Input pipelines: a source (`sources`) -> per-replica batches of (images, labels), in four
+stages: read (this pipeline's examples, in each epoch's order), decode, views (the plan's host
+ops: `views.ViewPlan`), batch.
 
 Images are float32 in [0, 1]; in pretraining the two views of each image are concatenated on the
-channel axis ([b, S, S, 6]), as the authors do; labels are one-hot. Blur, and a view's colour
-distortion where it is the view's last op (the default), are applied by the training step on
-whole batches (`augment.step_views`), not here.
+channel axis ([b, S, S, 6]), as the authors do; labels are one-hot. The ops the plan leaves to the
+training step (blur, and the colour distortion where it runs there) are applied by
+`views.step_views`, not here.
 
 Reproducibility: the training stream is a function of (config.seed, element index). Each epoch
 is shuffled with a seed derived from (seed, input pipeline, epoch) — an image folder's list or a
 cached set permuted whole, a TFDS split's files read in that epoch's own random order before a
-shuffle buffer — and the views are drawn by
-stateless ops seeded from (seed, input pipeline, index of the batch's first element; for images
-of mixed sizes also of each image's own index), so a run resumed at `start_step` yields exactly
-the batches an uninterrupted run would (only the current epoch is skipped through, never the
-ones before it).
-
-Image folders (`<root>/<split>/<class>/<image>`, the `tfds.ImageFolder` layout and class order)
-are listed here rather than read through `tfds.ImageFolder`: its decoding stops the run at the
-first corrupt file, whereas here unreadable files are found when the split is listed, logged
-with their path, counted and left out, so the example counts used for epochs and resumption are
-exact. A split's files are put in one fixed pseudo-random order, so slices such as
-`train[:10%]` take a sample of every class.
+shuffle buffer — and the views are drawn by stateless ops seeded from (seed, input pipeline,
+index of the batch's first element; image by image, of each image's own index), so a run resumed
+at `start_step` yields exactly the batches an uninterrupted run would (only the current epoch is
+skipped through, never the ones before it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import os
 import random
-import re
-import threading
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
-import PIL.Image
 import tensorflow as tf
-import tensorflow_datasets as tfds
 from absl import logging
 
-from simclr_tf import augment
+from simclr_tf import augment, sources, views
 from simclr_tf.config import Config
+from simclr_tf.sources import DataError  # noqa: F401  (raised by this module's functions too)
 
 AUTOTUNE = tf.data.AUTOTUNE
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
 _GRAPH_SEED = 87654321  # TF's graph seed when none is set
 _EPOCHS = 2**62  # "repeat forever", as a range the epochs are numbered from
-_SIZE_SAMPLE = 32  # images whose headers are read to see whether a folder has one image size
-
-
-class DataError(ValueError):
-    """The dataset, directory, split or file cannot be used; the message names it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,402 +42,6 @@ class DatasetInfo:
     num_train_examples: int  # of config.train_split
     num_eval_examples: Optional[int]  # of config.eval_split; None when not asked for
     class_names: Optional[tuple[str, ...]]
-
-
-# ---------------------------------------------------------------- image folders
-def _unreadable(path: str) -> Optional[str]:
-    """Why the file cannot be an image, from its signature and ending; None if it looks whole.
-    Cheap (two small reads): CIFAR-10's 50,000 files are checked in about a second."""
-    try:
-        with open(path, 'rb') as f:
-            head = f.read(16)
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(size - 1024, 0))
-            tail = f.read()
-    except OSError as e:
-        return f'cannot be read ({e.strerror})'
-    if not size:
-        return 'empty file'
-    if head.startswith(b'\xff\xd8\xff'):
-        return None if b'\xff\xd9' in tail else 'truncated JPEG (no end-of-image marker)'
-    if head.startswith(b'\x89PNG\r\n\x1a\n'):
-        return None if b'IEND' in tail else 'truncated PNG (no IEND chunk)'
-    if head.startswith((b'GIF87a', b'GIF89a')):
-        return None if b';' in tail else 'truncated GIF'
-    if head.startswith(b'BM') and len(head) >= 6:
-        return None if size >= int.from_bytes(head[2:6], 'little') else 'truncated BMP'
-    return 'not a JPEG, PNG, GIF or BMP image'
-
-
-_SPLIT_PART = re.compile(r'^(?P<name>[\w.-]+)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$')
-
-
-def _parse_split(spec: str, available: list[str], where: str
-                 ) -> list[tuple[str, Optional[str], Optional[str]]]:
-    """'train[:10%]+test' -> [('train', None, '10%'), ('test', None, None)] (TFDS syntax)."""
-    parts = []
-    for part in spec.split('+'):
-        match = _SPLIT_PART.match(part.strip())
-        if not match:
-            raise DataError(f'split {spec!r} of {where}: cannot parse {part!r}; use e.g. '
-                            "'train', 'train[:10%]', 'train[100:200]'")
-        if match['name'] not in available:
-            raise DataError(f'split {match["name"]!r} not found in {where}; it has: '
-                            f'{", ".join(sorted(available)) or "no splits"}')
-        parts.append((match['name'], match['start'], match['stop']))
-    return parts
-
-
-def _bound(text: Optional[str], n: int, default: int) -> int:
-    """A slice bound ('10', '-10', '10%') as an index into n examples, TFDS's rounding."""
-    if text is None:
-        return default
-    value = round(n * int(text[:-1]) / 100) if text.endswith('%') else int(text)
-    return min(max(value + n if value < 0 else value, 0), n)
-
-
-class _FolderSource:
-    """<root>/<split>/<class>/<image>; labels are indices into the sorted union of classes."""
-
-    def __init__(self, root: str):
-        self.root = root
-        self.splits = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        if not self.splits:
-            raise DataError(f'no images in {root}: expected split folders laid out '
-                            f'{root}/<split>/<class>/<image>')
-        self.class_names = tuple(sorted({e.name for s in self.splits
-                                         for e in os.scandir(os.path.join(root, s))
-                                         if e.is_dir()}))
-        self.num_classes = len(self.class_names)
-        self.description = f'image folder {root}'
-        self._listed: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {}
-
-    def _files(self, split: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
-        """The split's readable images and labels in a fixed pseudo-random order (listed and
-        checked once per process)."""
-        if split not in self._listed:
-            self._listed[split] = self._list(split)
-        return self._listed[split]
-
-    def _list(self, split: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
-        split_dir = os.path.join(self.root, split)
-        files, skipped = [], []
-        for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
-            if not entry.is_dir():
-                if not entry.name.startswith('.'):
-                    skipped.append((entry.path, 'not inside a class folder'))
-                continue
-            names = sorted(f.name for f in os.scandir(entry.path)
-                           if f.is_file() and not f.name.startswith('.'))
-            images = [os.path.join(entry.path, f) for f in names
-                      if f.lower().endswith(IMAGE_EXTENSIONS)]
-            skipped += [(os.path.join(entry.path, f), 'not an image file name '
-                         f'({", ".join(IMAGE_EXTENSIONS)})')
-                        for f in names if not f.lower().endswith(IMAGE_EXTENSIONS)]
-            if not images:
-                raise DataError(f'class folder {entry.path} has no images')
-            files.append((entry.name, images))
-        if not files:
-            raise DataError(f'no images in {split_dir}: expected {split_dir}/<class>/<image>')
-
-        paths, labels = [], []
-        for class_name, images in files:
-            readable = []
-            for path in images:
-                reason = _unreadable(path)
-                if reason:
-                    skipped.append((path, reason))
-                else:
-                    readable.append(path)
-            if not readable:
-                raise DataError(f'class folder {os.path.join(split_dir, class_name)} has no '
-                                f'readable images ({len(images)} unreadable files)')
-            paths += readable
-            labels += [self.class_names.index(class_name)] * len(readable)
-        for path, reason in skipped:
-            logging.warning('skipping %s: %s', path, reason)
-        if skipped:
-            logging.warning('skipped %d unreadable or non-image files in %s; using %d images',
-                            len(skipped), split_dir, len(paths))
-        order = list(range(len(paths)))
-        random.Random(0).shuffle(order)
-        return tuple(paths[i] for i in order), tuple(labels[i] for i in order)
-
-    def _select(self, split: str) -> tuple[list[str], list[int]]:
-        paths, labels = [], []
-        for name, start, stop in _parse_split(split, self.splits, self.description):
-            split_paths, split_labels = self._files(name)
-            n = len(split_paths)
-            chosen = slice(_bound(start, n, 0), _bound(stop, n, n))
-            paths += split_paths[chosen]
-            labels += split_labels[chosen]
-        return paths, labels
-
-    def num_examples(self, split: str) -> int:
-        return len(self._select(split)[0])
-
-    def labels(self, split: str) -> np.ndarray:
-        return np.asarray(self._select(split)[1], np.int64)
-
-    # Every epoch is a full permutation of the list (a shuffle buffer of the whole split).
-    full_shuffle = True
-    stores_files = True
-
-    def read(self, split: str, num_shards: int, index: int, keep: Optional[np.ndarray] = None,
-             order: Optional[tf.Tensor] = None) -> tuple[tf.data.Dataset, int]:
-        """(path, label) of the split's examples where `keep` (a mask over the split), every
-        num_shards-th from `index` on. `order` plays no part: the caller permutes the list."""
-        del order
-        paths, labels = self._select(split)
-        if keep is not None:
-            paths = [p for p, k in zip(paths, keep) if k]
-            labels = [y for y, k in zip(labels, keep) if k]
-        paths, labels = paths[index::num_shards], labels[index::num_shards]
-        return tf.data.Dataset.from_tensor_slices((paths, labels)), len(paths)
-
-    def common_size(self, split: str) -> Optional[tuple[int, int]]:
-        """(height, width) when a sample of the split's images (headers only) all agree."""
-        paths = self._select(split)[0]
-        sizes = set()
-        for path in paths[::max(len(paths) // _SIZE_SAMPLE, 1)][:_SIZE_SAMPLE]:
-            try:
-                with PIL.Image.open(path) as image:
-                    sizes.add(image.size[::-1])
-            except (OSError, ValueError):
-                return None
-        return sizes.pop() if len(sizes) == 1 else None
-
-    @staticmethod
-    def encoded(path: tf.Tensor) -> tf.Tensor:
-        return tf.io.read_file(path)
-
-    def decode(self, path: tf.Tensor) -> tf.Tensor:
-        return decode_image(self.encoded(path))
-
-
-# ---------------------------------------------------------------- TFDS
-class _TfdsSource:
-    def __init__(self, name: str, data_dir: Optional[str]):
-        try:
-            self.builder = tfds.builder(name, data_dir=data_dir)
-        except tfds.core.registered.DatasetNotFoundError as e:
-            raise DataError(f'dataset {name!r} is neither a directory nor a TFDS dataset '
-                            f'({str(e).splitlines()[0]})') from None
-        self.description = f'TFDS dataset {name!r} (data_dir {self.builder.data_dir})'
-        if not self.builder.is_prepared():
-            raise DataError(f'TFDS dataset {name!r} is not prepared: nothing found in '
-                            f'{self.builder.data_dir}. Without network access it cannot be '
-                            'downloaded; prepare it elsewhere (tfds build) and pass its --data_dir')
-        info = self.builder.info
-        if not info.supervised_keys:
-            raise DataError(f'{self.description} has no (image, label) supervised keys')
-        self.image_key, self.label_key = info.supervised_keys[:2]
-        labels = info.features[self.label_key]
-        self.num_classes = labels.num_classes
-        self.class_names = tuple(labels.names) if labels.names else None
-        self._image_feature = info.features[self.image_key]
-        # Whether the image feature holds image files (PNG / JPEG bytes), not raw pixels.
-        self.stores_files = (isinstance(self._image_feature, tfds.features.Image)
-                             and getattr(self._image_feature, '_encoding_format', None) != 'none')
-
-    def num_examples(self, split: str) -> int:
-        try:
-            return self.builder.info.splits[split].num_examples
-        except (KeyError, ValueError) as e:
-            raise DataError(f'split {split!r} not usable in {self.description}: {e}; it has: '
-                            f'{", ".join(sorted(self.builder.info.splits))}') from None
-
-    @functools.lru_cache(maxsize=4)
-    def labels(self, split: str) -> np.ndarray:
-        # One pass over the split without decoding images: for the label_fraction subset.
-        dataset = self.builder.as_dataset(split=split, shuffle_files=False,
-                                          decoders={self.image_key: tfds.decode.SkipDecoding()})
-        return np.fromiter((int(x[self.label_key]) for x in tfds.as_numpy(dataset)), np.int64)
-
-    # Too big to permute whole: each epoch reads the files in its own order, then a buffer.
-    full_shuffle = False
-
-    def read(self, split: str, num_shards: int, index: int, keep: Optional[np.ndarray] = None,
-             order: Optional[tf.Tensor] = None) -> tuple[tf.data.Dataset, int]:
-        """(encoded image, label) of the split's examples where `keep` (a mask over the split),
-        for input pipeline `index` of num_shards. With `order` (a stateless seed) the split's
-        files are read in that seed's random order, 16 at a time interleaved (TFDS's
-        shuffle_files, but seeded per epoch); without it in the split's order."""
-        if keep is None and num_shards > 1:  # exact even ranges: each pipeline knows its length
-            split = tfds.even_splits(split, n=num_shards)[index]
-        if keep is None:
-            n = self.num_examples(split)
-        else:  # shards by example index, whatever the files' order
-            n = int(np.sum(keep[index::num_shards]))
-        if self.builder.info.file_format != tfds.core.FileFormat.TFRECORD:
-            dataset = self.builder.as_dataset(
-                split=split, shuffle_files=False,
-                decoders={self.image_key: tfds.decode.SkipDecoding()},
-                read_config=tfds.ReadConfig(try_autocache=False))
-            dataset = dataset.enumerate().map(
-                lambda i, x: (i, x[self.image_key], x[self.label_key]))
-        else:
-            dataset = self._records(split, order)
-        if keep is not None:
-            mask = tf.constant(keep)
-            dataset = dataset.filter(lambda i, x, y: tf.gather(mask, i)
-                                     & (i % num_shards == index))
-        return dataset.map(lambda i, x, y: (x, y)), n
-
-    def _records(self, split: str, order: Optional[tf.Tensor]) -> tf.data.Dataset:
-        """(index in split, encoded image, label) read from the split's TFRecord files."""
-        files, skips, takes, firsts = [], [], [], []
-        for instruction in self.builder.info.splits[split].file_instructions:
-            files.append(instruction.filename)
-            skips.append(instruction.skip)
-            takes.append(instruction.take)
-            firsts.append(sum(takes[:-1]))
-        columns = (tf.constant(files), tf.constant(skips, tf.int64), tf.constant(takes, tf.int64),
-                   tf.constant(firsts, tf.int64))
-        if order is not None:
-            permutation = tf.argsort(tf.random.stateless_uniform([len(files)], order))
-            columns = tuple(tf.gather(c, permutation) for c in columns)
-        decoders = {self.image_key: tfds.decode.SkipDecoding()}
-
-        def parse(index, record):
-            example = self.builder.info.features.deserialize_example(record, decoders=decoders)
-            return index, example[self.image_key], example[self.label_key]
-
-        return tf.data.Dataset.from_tensor_slices(columns).interleave(
-            lambda f, skip, take, first: tf.data.TFRecordDataset(f).skip(skip).take(take)
-            .enumerate(first),
-            **(dict(cycle_length=1) if order is None else dict(
-                cycle_length=min(16, len(files)), num_parallel_calls=AUTOTUNE,
-                deterministic=True))
-        ).map(parse, num_parallel_calls=AUTOTUNE)
-
-    def common_size(self, split: str) -> Optional[tuple[int, int]]:
-        height, width = self._image_feature.shape[:2]
-        return (height, width) if height and width else None
-
-    def encoded(self, encoded: tf.Tensor) -> tf.Tensor:
-        return encoded  # the image file's bytes (when stores_files)
-
-    def decode(self, encoded: tf.Tensor) -> tf.Tensor:
-        image = self._image_feature.decode_example(encoded)
-        channels = image.shape[-1]
-        if channels == 1:
-            image = tf.image.grayscale_to_rgb(image)
-        elif channels == 4:
-            image = image[..., :3]
-        return tf.ensure_shape(image, [None, None, 3])
-
-
-# ---------------------------------------------------------------- decoding
-def decode_image(encoded: tf.Tensor) -> tf.Tensor:
-    """uint8 [h, w, 3] from an image file's bytes: the format read from the bytes, grey, RGBA
-    and CMYK made RGB."""
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    return tf.ensure_shape(image, [None, None, 3])
-
-
-def decode_crops(encoded: tf.Tensor, draw: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, Any]]
-                 ) -> tuple[tf.Tensor, tf.Tensor, Any]:
-    """Decodes what random crops of an image file need: (uint8 pixels, [n, 4] boxes in them,
-    extra). `draw(height, width)` draws, for the image's size, the boxes (top, left, height,
-    width) and anything else of the views (`extra`, e.g. their flips), in one call. A JPEG's size
-    is read from its header and, where the window holding all boxes is under half the image, only
-    that window is decoded (libjpeg skips the rest); other formats are decoded whole."""
-    def jpeg():
-        size = tf.io.extract_jpeg_shape(encoded)
-        boxes, extra = draw(size[0], size[1])
-        top_left = tf.reduce_min(boxes[:, :2], axis=0)
-        bottom_right = tf.reduce_max(boxes[:, :2] + boxes[:, 2:], axis=0)
-        window = tf.concat([top_left, bottom_right - top_left], 0)
-        # A window decode pays off only where it skips much of the image (measured here: a
-        # whole ImageNet photograph decodes faster than a window of 60 % of it).
-        small = 2 * window[2] * window[3] < size[0] * size[1]
-        pixels, origin = tf.cond(
-            small, lambda: (tf.io.decode_and_crop_jpeg(encoded, window, channels=3), top_left),
-            lambda: (tf.io.decode_jpeg(encoded, channels=3), tf.zeros([2], tf.int32)))
-        return pixels, boxes - tf.concat([origin, [0, 0]], 0)[None], extra
-
-    def other():
-        pixels = decode_image(encoded)
-        shape = tf.shape(pixels)
-        return (pixels,) + tuple(draw(shape[0], shape[1]))
-
-    pixels, boxes, extra = tf.cond(tf.strings.substr(encoded, 0, 3) == b'\xff\xd8\xff', jpeg,
-                                   other)
-    return tf.ensure_shape(pixels, [None, None, 3]), boxes, extra
-
-
-@functools.lru_cache(maxsize=16)
-def _source(dataset: str, data_dir: Optional[str]):
-    if os.path.isdir(dataset):
-        return _FolderSource(dataset)
-    if os.path.exists(dataset):
-        raise DataError(f'dataset {dataset} is a file, not a directory laid out '
-                        '<split>/<class>/<image file> (nor a TFDS name)')
-    parent = os.path.dirname(dataset.rstrip('/'))
-    if dataset.startswith(('/', '.', '~')) or (parent and os.path.isdir(parent)):
-        raise DataError(f'dataset directory {dataset} does not exist')
-    return _TfdsSource(dataset, data_dir)
-
-
-# ---------------------------------------------------------------- undecodable images
-# A file can pass the listing's check (signature, end marker) and still fail to decode: garbage in
-# its middle, a header that says height 0. Decoding such a file stops a tf.data pipeline, and so
-# the run, at the same place on every rerun. `decode_or_replace` decodes each image inside a
-# one-element dataset whose errors are ignored; when nothing comes out, a mid-grey stand-in of the
-# same size takes its place (the label stays), the file is logged with the reason and counted.
-# The element count is unchanged, so batches and resumption stay exact. Exact resumption
-# is why the image is replaced rather than dropped: a dropped element would shift every later
-# batch by one, differently in a run that resumed past it.
-_UNDECODABLE = {'files': set(), 'lock': threading.Lock()}
-_STAND_IN_SIZE = (32, 32)  # when the source's images have no common size (crops resize it)
-
-
-def undecodable_count() -> int:
-    """Distinct images this process could not decode (and replaced each time they came up)."""
-    return len(_UNDECODABLE['files'])
-
-
-def _report_undecodable(x: tf.Tensor, is_path: bool) -> bool:
-    value = x.numpy()
-    key = value if is_path else hashlib.sha1(value).hexdigest()
-    with _UNDECODABLE['lock']:
-        first = key not in _UNDECODABLE['files']
-        _UNDECODABLE['files'].add(key)
-    if not first:  # logged when first met; every epoch meets it again
-        return True
-    if is_path:
-        what = value.decode(errors='replace')
-        try:
-            tf.io.decode_image(tf.io.read_file(what), channels=3, expand_animations=False)
-            why = 'decoding failed'
-        except (tf.errors.OpError, ValueError) as e:
-            why = str(e).split('[Op:')[0].split('}}')[-1].strip() or type(e).__name__
-    else:
-        what, why = f'an encoded image of {len(value)} bytes (sha1 {key[:12]})', 'decoding failed'
-    logging.warning('cannot decode %s (%s): replaced by a grey image wherever it comes up, '
-                    'training goes on', what, why)
-    return True
-
-
-def decode_or_replace(source, x: tf.Tensor, size: Optional[tuple[int, int]]) -> tf.Tensor:
-    """source.decode(x), or (logged and counted) a mid-grey uint8 image if that fails."""
-    shape = list(size or _STAND_IN_SIZE) + [3]
-    return or_replace(source, x, source.decode, lambda: tf.fill(shape, tf.constant(128, tf.uint8)))
-
-
-def or_replace(source, x: tf.Tensor, decode: Callable, stand_in: Callable) -> Any:
-    """decode(x), or (logged and counted) stand_in() of the same structure if decoding fails."""
-    is_path = isinstance(source, _FolderSource)
-
-    def replace(x):
-        reported = tf.py_function(lambda v: _report_undecodable(v, is_path), [x], tf.bool)
-        with tf.control_dependencies([reported]):
-            return tf.nest.map_structure(tf.identity, stand_in())
-
-    one = tf.data.Dataset.from_tensors(x)
-    decoded = one.map(decode).ignore_errors(log_warning=False)
-    return decoded.concatenate(one.map(replace)).take(1).get_single_element()
 
 
 # ---------------------------------------------------------------- label subsets
@@ -510,7 +97,7 @@ def _read_train(source, config: Config, pipelines: int, pipeline: int,
 # ---------------------------------------------------------------- public API
 def dataset_info(config: Config, need_eval: bool = True) -> DatasetInfo:
     """Checks the source and the splits (before any model is built) and sizes them."""
-    source = _source(config.dataset, config.data_dir)
+    source = sources.open_source(config.dataset, config.data_dir)
     subset = _label_subset(source, config, config.train_split)
     return DatasetInfo(
         num_classes=source.num_classes,
@@ -522,161 +109,195 @@ def dataset_info(config: Config, need_eval: bool = True) -> DatasetInfo:
 
 def examples(config: Config, split: str) -> tf.data.Dataset:
     """The split's decoded examples (uint8 [h, w, 3] image, int label), unshuffled."""
-    source = _source(config.dataset, config.data_dir)
+    source = sources.open_source(config.dataset, config.data_dir)
     dataset, _ = source.read(split, 1, 0)
     size = source.common_size(split)
-    return dataset.map(lambda x, y: (decode_or_replace(source, x, size), y),
+    return dataset.map(lambda x, y: (sources.decode_or_replace(source, x, size), y),
                        num_parallel_calls=AUTOTUNE)
+
+
+def view_plan(config: Config, is_training: bool, accelerator: Optional[bool] = None
+              ) -> views.ViewPlan:
+    """Where the views of `config`'s training (or eval) stream are made (`views.plan_views`)
+    for its source's images; `accelerator` None: whether this process sees a GPU or TPU."""
+    source = sources.open_source(config.dataset, config.data_dir)
+    split = config.train_split if is_training else config.eval_split
+    return views.plan_views(config, is_training, source.common_size(split), source.stores_files,
+                            views.has_accelerator() if accelerator is None else accelerator)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+    """This input pipeline's share of a global batch."""
+    batch: int  # examples per replica
+    pipelines: int
+    pipeline: int
+    replicas: int
+
+    @classmethod
+    def of(cls, global_batch: int, context: Optional[tf.distribute.InputContext]) -> '_Shard':
+        if context is None:
+            return cls(global_batch, 1, 0, 1)
+        return cls(context.get_per_replica_batch_size(global_batch), context.num_input_pipelines,
+                   context.input_pipeline_id, context.num_replicas_in_sync)
 
 
 def build_dataset(config: Config, is_training: bool,
                   input_context: Optional[tf.distribute.InputContext] = None,
-                  start_step: int = 0, labelled_only: bool = False) -> tf.data.Dataset:
-    """Per-replica batches of (images [b, S, S, 3V] float32 in [0, 1], one-hot labels). Pretraining
-    views come without the ops the training step applies (`augment.step_views`).
-
-    Where the source's images share one size (CIFAR, most TFDS image sets) they are batched
-    as they are and every augmentation runs on whole batches. Otherwise each image is cropped
-    (the ops up to 'crop' in the list) on its own, and the rest runs on batches.
-    `labelled_only` (eval of train_split, e.g. the kNN monitor's bank): only the label_fraction
-    subset, as training reads it.
-    """
-    source = _source(config.dataset, config.data_dir)
+                  start_step: int = 0, labelled_only: bool = False,
+                  plan: Optional[views.ViewPlan] = None) -> tf.data.Dataset:
+    """Per-replica batches of (images [b, S, S, 3V] float32 in [0, 1], one-hot labels), the
+    views made as far as `plan` (default: `view_plan`) puts them on the host. `labelled_only`
+    (eval of train_split, e.g. the kNN monitor's bank): only the label_fraction subset, as
+    training reads it."""
+    source = sources.open_source(config.dataset, config.data_dir)
     split = config.train_split if is_training else config.eval_split
-    global_batch = config.train_batch_size if is_training else config.eval_batch_size
-    if input_context is None:
-        batch, pipelines, pipeline, replicas = global_batch, 1, 0, 1
-    else:
-        batch = input_context.get_per_replica_batch_size(global_batch)
-        pipelines = input_context.num_input_pipelines
-        pipeline = input_context.input_pipeline_id
-        replicas = input_context.num_replicas_in_sync
+    shard = _Shard.of(config.train_batch_size if is_training else config.eval_batch_size,
+                      input_context)
+    plan = plan or view_plan(config, is_training)
+    seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
+    # Independent streams of seeds for: the epochs' shuffles, per-image ops, per-batch ops.
+    epoch_key, image_key, batch_key = (tf.constant([seed, 3 * shard.pipeline + i], tf.int64)
+                                       for i in range(3))
+
+    # Read: this pipeline's (item, label), every epoch in its own order.
     def read(order: Optional[tf.Tensor] = None) -> tuple[tf.data.Dataset, int]:
         if is_training or (labelled_only and split == config.train_split):
-            return _read_train(source, config, pipelines, pipeline, order)
-        return source.read(split, pipelines, pipeline, order=order)
+            return _read_train(source, config, shard.pipelines, shard.pipeline, order)
+        return source.read(split, shard.pipelines, shard.pipeline, order=order)
 
     items, n = read()
     if not n:
         raise DataError(f'split {split!r} of {source.description} has no examples for input '
-                        f'pipeline {pipeline} of {pipelines}')
-    size = source.common_size(split)
+                        f'pipeline {shard.pipeline} of {shard.pipelines}')
+    # Decode (once, into the cache, with cache_dataset, as the original caches TFDS's output).
+    decode = _decoder(source, source.common_size(split))
+    if config.cache_dataset:
+        items = items.map(lambda x, y: (decode(x), y), num_parallel_calls=AUTOTUNE).cache()
+        decode = None
+    if is_training:
+        # One global step takes a per-replica batch for each replica this pipeline feeds.
+        start = start_step * shard.batch * max(shard.replicas // shard.pipelines, 1)
+        if decode is None or source.full_shuffle:  # in memory, or a list of files: permute all
+            ordered = _shuffled_epochs(lambda order: items, n, n, epoch_key, start)
+        else:  # the files in a fresh order, then the authors' buffer
+            buffer = (50 if config.image_size <= 32 else 10) * shard.batch
+            ordered = _shuffled_epochs(lambda order: read(order)[0], n, buffer, epoch_key, start)
+    else:
+        ordered = items.enumerate()
+    # Views and batches.
+    one = _image_views(plan, config, source, decode, image_key)
+    if plan.batched:
+        if decode is not None:
+            ordered = ordered.map(one, num_parallel_calls=AUTOTUNE)
+        batches = ordered.batch(shard.batch, drop_remainder=is_training)
+    else:  # two batches in the making at once, each image by image on all cores
+        batches = ordered.batch(shard.batch, drop_remainder=is_training).map(
+            lambda index, item: _made_image_by_image(one, index, item), num_parallel_calls=2)
+    return batches.map(_batch_views(plan, config, batch_key, source.num_classes),
+                       num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
 
+
+def _decoder(source, size: Optional[tuple[int, int]]) -> Callable[..., tf.Tensor]:
+    """decode(x, caught=True): uint8 [h, w, 3] of an item; caught, a failed decode gives the
+    grey stand-in (`sources.decode_or_replace`). In a source of one size a stray odd-sized image
+    is resized to that size."""
     def decode(x: tf.Tensor, caught: bool = True) -> tf.Tensor:
-        image = decode_or_replace(source, x, size) if caught else source.decode(x)
+        image = sources.decode_or_replace(source, x, size) if caught else source.decode(x)
         if size is None:
             return image
-        # A stray odd-sized image in a folder of one size is resized to that size.
         return tf.cond(tf.reduce_all(tf.shape(image)[:2] == size), lambda: image,
                        lambda: tf.cast(tf.clip_by_value(tf.round(
                            tf.image.resize(image, size, 'bicubic')), 0, 255), tf.uint8))
+    return decode
 
-    decoded = False
-    if config.cache_dataset:  # the decoded images, as the original caches TFDS's output
-        items = items.map(lambda x, y: (decode(x), y), num_parallel_calls=AUTOTUNE).cache()
-        decoded = True
 
-    if is_training:
-        names = (augment.stream_ops(config) if config.train_mode == 'pretrain'
-                 else augment.FINETUNE_OPS)
-        num_views = 2 if config.train_mode == 'pretrain' else 1
-    else:
-        names, num_views = (), 1
-    # Ops done image by image: none if the images share a size (which a quarter turn before the
-    # crop keeps only if square), else those up to the crop.
-    crop_at = names.index('crop') + 1 if 'crop' in names else 0
-    whole_batches = size is not None and (size[0] == size[1] or 'rotate' not in names[:crop_at])
-    head = () if whole_batches else names[:crop_at]
-    tail = names[len(head):]
-    seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
-    # Independent streams of seeds for: the epochs' shuffles, per-image ops, per-batch ops.
-    epoch_key, element_key, batch_key = (tf.constant([seed, 3 * pipeline + i], tf.int64)
-                                         for i in range(3))
+def _image_views(plan: views.ViewPlan, config: Config, source, decode: Optional[Callable],
+                 key: tf.Tensor) -> Callable:
+    """one(index, (item, label), caught=True) -> (index, (x, label)): an example decoded (unless
+    `decode` is None: cached) and, where the plan makes views image by image, its views on
+    channels [S, S, 3V]: the ops up to the crop on the image, the rest on the resized crop."""
+    crop_at = plan.host.index('crop') + 1 if 'crop' in plan.host else 0
+    head, tail = plan.host[:crop_at], plan.host[crop_at:]
+    window = _window_crops(plan, config, source, tail) if plan.crop == 'window' else None
 
-    # Images of mixed sizes with the crop first (the usual case) are decoded for their crops
-    # only (decode_crops), and its views finished together (augment.finish_views): one compiled
-    # program when the step colours them (the default), else one per view of one fixed size.
-    fast_crop = (not decoded and head == ('crop',) and is_training
-                 and source.stores_files)
+    def one(index, item, caught: bool = True):
+        x, label = item
+        if plan.batched:
+            return index, (decode(x, caught), label)
+        seeds = tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in(key, index), plan.views)
+        if window:
+            crops, rest, scale, flips = window(x, seeds, caught)
+        else:
+            image = x if decode is None else decode(x, caught)
+            crops = [augment.view(image, head, config, seeds[v]) for v in range(plan.views)]
+            rest, scale, flips = tail, 1.0, None
+        return index, (augment.finish_views(crops, rest, config, tf.unstack(seeds), scale, flips),
+                       label)
 
+    return one
+
+
+def _window_crops(plan: views.ViewPlan, config: Config, source, tail: tuple[str, ...]
+                  ) -> Callable:
+    """window(x, seeds, caught) -> (crops, rest, scale, flips): a file's views' crops, the
+    JPEG decoded only in their window (`sources.decode_crops`), resized, left in [0, 255] and
+    unflipped (`augment.finish_views` flips and scales them in its pass), and what is left."""
+    flip = tail[:1] == ('flip',)  # a flip right after the crop: its coins drawn with the boxes
     # The ~100 small ops of the crop draw (and the flips' coins) as one compiled program.
     draw = tf.function(augment.sample_crops, jit_compile=True, autograph=False)
     draw_views = tf.function(augment.sample_views, jit_compile=True, autograph=False)
+    stand_in = tf.fill(list(sources.STAND_IN_SIZE) + [3], tf.constant(128, tf.uint8))
 
-    def per_image(index, item, caught: bool = True):
-        x, label = item
-        if whole_batches:
-            return index, (x if decoded else decode(x), label)
-        seeds = tf.random.experimental.stateless_split(
-            tf.random.experimental.stateless_fold_in(element_key, index), num_views)
-        if fast_crop:
-            view_seeds = [augment.op_seeds(seeds[v]) for v in range(num_views)]
-            flip = tail[:1] == ('flip',)  # a flip right after the crop: drawn with it
+    def window(x, seeds, caught: bool):
+        op_seeds = [augment.op_seeds(seeds[v]) for v in range(plan.views)]
 
-            def plan(h, w):  # all views' boxes (and flip coins) in one draw
-                crop_seed = view_seeds[0]['crop']
-                if flip:
-                    return draw_views(h, w, crop_seed, tf.stack([s['flip'] for s in view_seeds]))
-                return draw(h, w, num_views, crop_seed), tf.zeros([num_views], tf.bool)
+        def plan_crops(h, w):  # every view's boxes (and flip coins) in one draw
+            if flip:
+                return draw_views(h, w, op_seeds[0]['crop'],
+                                  tf.stack([s['flip'] for s in op_seeds]))
+            return draw(h, w, plan.views, op_seeds[0]['crop']), tf.zeros([plan.views], tf.bool)
 
-            stand_in = tf.fill(list(_STAND_IN_SIZE) + [3], tf.constant(128, tf.uint8))
-            crops = lambda x: decode_crops(source.encoded(x), plan)  # noqa: E731
-            pixels, boxes, flips = (or_replace(source, x, crops, lambda: (stand_in,) + tuple(
-                plan(*_STAND_IN_SIZE))) if caught else crops(x))
-            # Left in [0, 255] and unflipped: finish_views flips and scales in the same pass.
-            views = [augment.resized_crop(pixels, boxes[v], config.image_size, rescale=False)
-                     for v in range(num_views)]
-            rest, scale = (tail[1:] if flip else tail), 255.0
-            flips = flips if flip else None
-        else:
-            image = x if decoded else decode(x, caught)
-            views = [augment.view(image, head, config, seeds[v]) for v in range(num_views)]
-            rest, scale, flips = tail, 1.0, None
-        return index, (augment.finish_views(views, rest, config, tf.unstack(seeds), scale, flips),
-                       label)
+        def crops(x):
+            return sources.decode_crops(source.encoded(x), plan_crops)
 
-    def images_of(index, item):
-        """A batch's images made image by image, in parallel, with their decoding unguarded;
-        only if one fails is the batch made again with each decode caught (`or_replace`): the
-        one-element dataset that catches a failure then costs once a batch, not once an image
-        (measured at 224 px: ~0.3-1.2 ms an image of ~7)."""
-        n = tf.size(index, out_type=tf.int64)
+        pixels, boxes, flips = (sources.or_replace(source, x, crops, lambda: (stand_in,) + tuple(
+            plan_crops(*sources.STAND_IN_SIZE))) if caught else crops(x))
+        resized = [augment.resized_crop(pixels, boxes[v], config.image_size, rescale=False)
+                   for v in range(plan.views)]
+        return resized, (tail[1:] if flip else tail), 255.0, (flips if flip else None)
 
-        def made(caught: bool) -> tf.data.Dataset:
-            return (tf.data.Dataset.from_tensor_slices((index, item))
-                    .map(lambda i, x: per_image(i, x, caught), num_parallel_calls=AUTOTUNE)
-                    .batch(n, drop_remainder=True))  # a failure mid-batch leaves none
+    return window
 
-        return (made(False).ignore_errors(log_warning=False).concatenate(made(True))
-                .take(1).get_single_element())
 
-    def per_batch(index, item):
+def _made_image_by_image(one: Callable, index: tf.Tensor, item) -> tuple:
+    """A batch's examples made by `one` image by image, in parallel, their decodes unguarded;
+    only if one fails is the batch made again with each decode caught: catching costs a
+    one-element dataset an image, so it is paid once a batch, not once an image."""
+    n = tf.size(index, out_type=tf.int64)
+
+    def made(caught: bool) -> tf.data.Dataset:
+        return (tf.data.Dataset.from_tensor_slices((index, item))
+                .map(lambda i, x: one(i, x, caught), num_parallel_calls=AUTOTUNE)
+                .batch(n, drop_remainder=True))  # a failure mid-batch leaves none
+
+    return sources.first_made(made(False), made(True))
+
+
+def _batch_views(plan: views.ViewPlan, config: Config, key: tf.Tensor, num_classes: int
+                 ) -> Callable:
+    """(index, (images, labels)) -> (images, one-hot labels): where the plan batches the host's
+    ops, each view of the whole batch made here, on channels."""
+    def finish(index, item):
         images, labels = item
-        seeds = tf.random.experimental.stateless_split(
-            tf.random.experimental.stateless_fold_in(batch_key, index[0]), num_views)
-        if whole_batches:  # whole views
-            images = tf.concat([augment.view(images, names, config, seeds[v], jit=True)
-                                for v in range(num_views)], axis=-1)
-        return images, tf.one_hot(labels, source.num_classes)
-
-    if is_training:
-        # One global step takes a per-replica batch for each replica this pipeline feeds.
-        start = start_step * batch * max(replicas // pipelines, 1)
-        if decoded or source.full_shuffle:  # in memory, or a list of files: permute it all
-            dataset = _shuffled_epochs(lambda order: items, n, n, epoch_key, start)
-        else:  # the files in a fresh order, then the authors' buffer
-            buffer = (50 if config.image_size <= 32 else 10) * batch
-            dataset = _shuffled_epochs(lambda order: read(order)[0], n, buffer, epoch_key, start)
-    else:
-        dataset = items.enumerate()
-    if whole_batches:
-        if not decoded:
-            dataset = dataset.map(per_image, num_parallel_calls=AUTOTUNE)
-        dataset = dataset.batch(batch, drop_remainder=is_training)
-    else:  # two batches in the making at once, each image by image on all cores
-        dataset = dataset.batch(batch, drop_remainder=is_training).map(images_of,
-                                                                       num_parallel_calls=2)
-    return dataset.map(per_batch, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+        if plan.batched:
+            seeds = tf.random.experimental.stateless_split(
+                tf.random.experimental.stateless_fold_in(key, index[0]), plan.views)
+            images = tf.concat([augment.view(images, plan.host, config, seeds[v], jit=True)
+                                for v in range(plan.views)], axis=-1)
+        return images, tf.one_hot(labels, num_classes)
+    return finish
 
 
 def _shuffled_epochs(items: Callable[[tf.Tensor], tf.data.Dataset], n: int, buffer: int,
@@ -703,7 +324,9 @@ def _shuffled_epochs(items: Callable[[tf.Tensor], tf.data.Dataset], n: int, buff
 
 def build_distributed_dataset(strategy: tf.distribute.Strategy, config: Config,
                               is_training: bool, start_step: int = 0,
-                              labelled_only: bool = False):
+                              labelled_only: bool = False,
+                              plan: Optional[views.ViewPlan] = None):
     """A distributed dataset of per-replica batches, one input pipeline per worker."""
     return strategy.distribute_datasets_from_function(
-        lambda context: build_dataset(config, is_training, context, start_step, labelled_only))
+        lambda context: build_dataset(config, is_training, context, start_step, labelled_only,
+                                      plan))

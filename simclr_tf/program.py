@@ -11,7 +11,7 @@ from typing import Any, Optional
 import keras
 import tensorflow as tf
 
-from simclr_tf import checkpoint, data, distribute, evaluate, train
+from simclr_tf import checkpoint, data, distribute, evaluate, sources, train
 from simclr_tf import model_dir as model_dir_lib
 from simclr_tf.config import Config, ConfigError
 from simclr_tf.model import build_model
@@ -64,11 +64,12 @@ def run(config: Config, flags: Optional[dict[str, Any]] = None) -> Optional[dict
         model, step = restore_newest(config, strategy, info)
         export_model(config, model, step)
         return None
+    plan = data.view_plan(config, True)  # before the model_dir is touched: it may refuse
     if chief:
         prepare_model_dir(config, 'train')
     task_id = getattr(getattr(strategy, 'cluster_resolver', None), 'task_id', 0) or 0
-    state = train.train(config, strategy, info, chief=chief, task_id=task_id)
-    replaced = data.undecodable_count()
+    state = train.train(config, strategy, info, chief=chief, task_id=task_id, plan=plan)
+    replaced = sources.undecodable_count()
     if replaced:
         logging.warning('%d training images could not be decoded and were replaced by grey ones '
                         '(their paths are logged above)', replaced)

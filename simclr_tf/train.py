@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
-from simclr_tf import augment, data, losses, optim
+from simclr_tf import data, losses, optim, views
 from simclr_tf.checkpoint import Checkpointer
 from simclr_tf.config import Config
 from simclr_tf.model import SimCLRModel, build_model
@@ -94,14 +94,17 @@ def steps_per_loop(config: Config, checkpoint_steps: int) -> int:
     return checkpoint_steps
 
 
-def two_views_to_batch(images: tf.Tensor, config: Config, seed=None) -> tf.Tensor:
+def two_views_to_batch(images: tf.Tensor, plan: views.ViewPlan, config: Config, seed=None
+                       ) -> tf.Tensor:
     """[b, S, S, 6] (two views on channels) -> [2b, S, S, 3]: first views, then second views,
-    finished by the ops done on whole batches (colour where it comes last, blur)."""
-    return tf.concat(augment.step_views(tf.split(images, 2, axis=-1), config, seed), 0)
+    finished by the plan's ops of the training step (`views.step_views`)."""
+    return tf.concat(views.step_views(tf.split(images, 2, axis=-1), plan, config, seed), 0)
 
 
-def make_step_fn(config: Config, state: TrainState, strategy: tf.distribute.Strategy) -> Callable:
-    """One replica's step; returns its metrics, in `metric_names` order, as a float32 vector."""
+def make_step_fn(config: Config, state: TrainState, strategy: tf.distribute.Strategy,
+                 plan: views.ViewPlan) -> Callable:
+    """One replica's step, finishing the views as `plan` says; returns its metrics, in
+    `metric_names` order, as a float32 vector."""
     model, optimizer = state.model, state.optimizer
     pretrain = config.train_mode == 'pretrain'
     replicas = strategy.num_replicas_in_sync
@@ -113,7 +116,7 @@ def make_step_fn(config: Config, state: TrainState, strategy: tf.distribute.Stra
                 replica = tf.distribute.get_replica_context().replica_id_in_sync_group
                 seed = tf.stack([tf.constant(config.seed, tf.int64),
                                  optimizer.iterations * replicas + tf.cast(replica, tf.int64)])
-            images = two_views_to_batch(images, config, seed=seed)
+            images = two_views_to_batch(images, plan, config, seed=seed)
         with tf.GradientTape() as tape:
             outputs = model(images, training=True)
             metrics, loss = [], tf.constant(0.0)
@@ -160,11 +163,11 @@ def use_jit(config: Config, strategy: tf.distribute.Strategy) -> bool:
 
 
 def make_loop_fn(config: Config, state: TrainState, strategy: tf.distribute.Strategy,
-                 stop: Optional[tf.Variable] = None) -> Callable:
+                 plan: views.ViewPlan, stop: Optional[tf.Variable] = None) -> Callable:
     """`loop(iterator, n)`: up to n steps inside one tf.function; the metrics averaged over the
     steps run. Before each step it reads `stop` (a bool variable a signal handler sets), so a
     stop request ends the loop after the current step, not after n."""
-    step_fn = make_step_fn(config, state, strategy)
+    step_fn = make_step_fn(config, state, strategy, plan)
     jit = use_jit(config, strategy)
     if stop is None:
         stop = tf.Variable(False, trainable=False)
@@ -257,28 +260,33 @@ def _check_finite(state: TrainState, step: int) -> None:
             'Lower the learning rate or check the input data.')
 
 
-def _write_image_summary(config: Config, info: data.DatasetInfo, writer, step: int) -> None:
+def _write_image_summary(config: Config, plan: views.ViewPlan, writer, step: int) -> None:
     """The augmented views the network sees (after blur), first view above the second."""
     if config.train_mode != 'pretrain':
         return
-    images, _ = next(iter(data.build_dataset(config.replace(train_batch_size=8), True)))
-    pair = tf.concat(tf.split(two_views_to_batch(images, config), 2, 0), axis=1)
+    images, _ = next(iter(data.build_dataset(config.replace(train_batch_size=8), True,
+                                             plan=plan)))
+    pair = tf.concat(tf.split(two_views_to_batch(images, plan, config), 2, 0), axis=1)
     with writer.as_default():
         tf.summary.image('train/augmented_views', pair, step=step, max_outputs=8)
 
 
 def train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetInfo,
           chief: bool = True, task_id: int = 0,
-          on_checkpoint: Optional[Callable[[TrainState], None]] = None) -> TrainState:
-    """Trains until `total_steps`, resuming from `model_dir`; returns the final state (with
-    `stopped` set if SIGTERM/SIGINT came, from the start of this call on)."""
+          on_checkpoint: Optional[Callable[[TrainState], None]] = None,
+          plan: Optional[views.ViewPlan] = None) -> TrainState:
+    """Trains until `total_steps`, resuming from `model_dir`, with the views made as `plan`
+    (default: `data.view_plan`) says; returns the final state (with `stopped` set if
+    SIGTERM/SIGINT came, from the start of this call on)."""
+    plan = plan or data.view_plan(config, True)
+    logging.info('%s', plan.line())
     with _StopRequest() as stop:
-        return _train(config, strategy, info, chief, task_id, on_checkpoint, stop)
+        return _train(config, strategy, info, chief, task_id, on_checkpoint, stop, plan)
 
 
 def _train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetInfo, chief: bool,
            task_id: int, on_checkpoint: Optional[Callable[[TrainState], None]],
-           stop: '_StopRequest') -> TrainState:
+           stop: '_StopRequest', plan: views.ViewPlan) -> TrainState:
     state = build_state(config, strategy, info, chief=chief, task_id=task_id)
     names = metric_names(config, state.model.supervised_head is not None)
     writer = tf.summary.create_file_writer(config.model_dir) if chief else tf.summary.create_noop_writer()
@@ -287,10 +295,10 @@ def _train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetI
         logging.info('already trained to step %d of %d', start, state.total_steps)
         return state
     if chief and start == 0 and config.train_summary_steps > 0:
-        _write_image_summary(config, info, writer, 0)
-    dataset = data.build_distributed_dataset(strategy, config, True, start_step=start)
+        _write_image_summary(config, plan, writer, 0)
+    dataset = data.build_distributed_dataset(strategy, config, True, start_step=start, plan=plan)
     iterator = iter(dataset)
-    loop = make_loop_fn(config, state, strategy, stop.variable)
+    loop = make_loop_fn(config, state, strategy, plan, stop.variable)
     per_loop = steps_per_loop(config, state.checkpoint_steps)
     summaries = config.train_summary_steps > 0  # 0: no step summaries, as the TF1 flag
     interactive = chief and sys.stderr.isatty()

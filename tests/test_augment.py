@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from simclr_tf import augment
+from simclr_tf import augment, views
 from simclr_tf.config import Config
 
 N = 2400  # draws for the statistical tests; 3 sigma of a fraction p is <= 0.031 at p = 0.5
@@ -67,7 +67,7 @@ def test_blur_is_applied_to_about_half_of_the_views_with_sigma_in_range(image):
     config = CONFIG.replace(use_blur=True)
     seed = tf.constant([5, 6], tf.int64)
     # The same per-image decisions batch_random_blur draws for its (only) view.
-    apply, sigma = augment._sample_blur(N, augment._split(seed, 1)[0])
+    apply, sigma = augment._sample_blur(N, augment.split_seed(seed, 1)[0])
     apply, sigma = apply.numpy(), sigma.numpy()
     assert abs(apply.mean() - 0.5) <= 0.03, apply.mean()
     assert sigma.min() >= 0.1 and sigma.max() <= 2.0 and sigma.max() - sigma.min() > 1.5
@@ -328,26 +328,24 @@ def test_the_compiled_colour_draw_has_the_authors_probabilities_and_ranges():
 
 
 def test_the_step_colours_a_trailing_colour_distortion_with_each_image_its_own_draw():
-    config = CONFIG.replace(color_jitter_strength=1.0, use_blur=False, train_mode='pretrain')
-    assert augment.color_in_step(config) and augment.stream_ops(config) == ('crop', 'flip')
-    for other in (config.replace(augmentations='crop,color,flip,blur'),
-                  config.replace(color_jitter_strength=0.0), config.replace(train_mode='finetune')):
-        assert not augment.color_in_step(other)
-    assert augment.stream_ops(config.replace(augmentations='color,crop')) == ('color', 'crop')
+    config = CONFIG.replace(color_jitter_strength=1.0, use_blur=False, augment_placement='step')
+    plan = views.plan_views(config, True, (32, 32), True, accelerator=False)
+    assert plan.in_step == ('color',) and plan.host == ('crop', 'flip')
     n = 400
     images = tf.random.stateless_uniform([n, 8, 8, 3], [4, 5])
     seed = tf.constant([3, 11], tf.int64)
-    views = augment.step_views([images, images], config, seed)
-    grey = [np.mean(np.ptp(v.numpy(), axis=-1).max(axis=(1, 2)) < 1e-6) for v in views]
-    same = [np.mean(np.abs(v.numpy() - images.numpy()).max(axis=(1, 2, 3)) < 1e-6) for v in views]
+    out = views.step_views([images, images], plan, config, seed)
+    grey = [np.mean(np.ptp(v.numpy(), axis=-1).max(axis=(1, 2)) < 1e-6) for v in out]
+    same = [np.mean(np.abs(v.numpy() - images.numpy()).max(axis=(1, 2, 3)) < 1e-6) for v in out]
     for g, s in zip(grey, same):
         assert 0.14 < g < 0.26  # p = 0.2
         assert 0.10 < s < 0.22  # neither jitter (p = 0.8) nor grey: 0.16
-    assert not np.allclose(views[0], views[1])  # each view its own draws
-    np.testing.assert_array_equal(augment.step_views([images, images], config, seed)[0], views[0])
-    # Colour not last: the stream did it, the step leaves the views alone (blur off).
-    kept = augment.step_views([images], config.replace(augmentations='crop,color,flip'), seed)
-    np.testing.assert_array_equal(kept[0], images)
+    assert not np.allclose(out[0], out[1])  # each view its own draws
+    np.testing.assert_array_equal(views.step_views([images, images], plan, config, seed)[0],
+                                  out[0])
+    # Colour on the host: the step leaves the views alone (blur off).
+    host = views.plan_views(config.replace(augment_placement='host'), True, (32, 32), True, False)
+    np.testing.assert_array_equal(views.step_views([images], host, config, seed)[0], images)
 
 
 def test_finished_views_are_the_flipped_scaled_clipped_crops_side_by_side():

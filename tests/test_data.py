@@ -10,7 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from simclr_tf import data
+from simclr_tf import data, sources
 from simclr_tf.config import Config
 
 B = 8  # per-replica batch everywhere: the compiled augmentations are built once per shape
@@ -200,8 +200,8 @@ def test_grey_rgba_and_odd_sizes_are_converted(config, tmp_path, jpeg, monkeypat
     grey = next(iter(data.examples(cfg, 'test')))  # decoded as RGB
     assert grey[0].shape[-1] == 3
     # A folder taken for one size (from a sample of headers) resizes a stray odd image.
-    monkeypatch.setattr(data, '_SIZE_SAMPLE', 1)
-    data._source.cache_clear()
+    monkeypatch.setattr(sources, '_SIZE_SAMPLE', 1)
+    sources.open_source.cache_clear()
     images, _ = next(iter(data.build_dataset(cfg.replace(cache_dataset=True), False)))
     assert images.shape == (6, 32, 32, 3)  # the split's 6 images
 
@@ -292,14 +292,14 @@ def test_crops_decoded_from_a_jpeg_window_are_the_crops_of_the_whole_image(jpeg,
     path = tmp_path / 'big.jpg'
     Image.open(jpeg).resize((200, 180)).save(path, quality=95)
     encoded = tf.io.read_file(str(path))
-    whole = data.decode_image(encoded).numpy().astype(int)
+    whole = sources.decode_image(encoded).numpy().astype(int)
     asked = []
 
     def draw(height, width):
         asked.append((int(height), int(width)))
         return tf.constant(boxes), tf.constant([True, False])
 
-    pixels, shifted, extra = data.decode_crops(encoded, draw)
+    pixels, shifted, extra = sources.decode_crops(encoded, draw)
     np.testing.assert_array_equal(extra, [True, False])  # what draw drew besides the boxes
     assert asked == [(180, 200)]  # from the header
     for (t, l, h, w), (t2, l2, h2, w2) in zip(boxes, shifted.numpy()):
@@ -308,7 +308,7 @@ def test_crops_decoded_from_a_jpeg_window_are_the_crops_of_the_whole_image(jpeg,
         assert np.abs(cut - whole[t:t + h, l:l + w]).max() <= 3  # libjpeg's edge upsampling
     png = tmp_path / 'big.png'
     Image.open(path).save(png)
-    pixels, same, _ = data.decode_crops(tf.io.read_file(str(png)), draw)
+    pixels, same, _ = sources.decode_crops(tf.io.read_file(str(png)), draw)
     np.testing.assert_array_equal(same, boxes)
     assert pixels.shape == (180, 200, 3)
 
@@ -316,24 +316,27 @@ def test_crops_decoded_from_a_jpeg_window_are_the_crops_of_the_whole_image(jpeg,
 @pytest.mark.parametrize('mixed', [False, True])
 def test_the_stream_leaves_a_trailing_colour_distortion_to_the_step(config, mixed_folder,
                                                                     mixed):
-    # Each op draws from its name's seed, so the default views without colour are exactly the
-    # crop + flip views; colour elsewhere in the list stays in the stream.
-    cfg = config.replace(color_jitter_strength=1.0)
+    # Each op draws from its name's seed, so the views the step is to colour are exactly the
+    # crop + flip views; colour elsewhere in the list, or placed on the host, stays in the stream.
+    cfg = config.replace(color_jitter_strength=1.0, augment_placement='step')
     if mixed:
         cfg = cfg.replace(dataset=mixed_folder)
     default = batches(data.build_dataset(cfg, True), 2)
     plain = batches(data.build_dataset(cfg.replace(augmentations='crop,flip'), True), 2)
     for a, b in zip(default, plain):
         np.testing.assert_array_equal(a, b)
-    coloured = batches(data.build_dataset(cfg.replace(augmentations='crop,color,flip'), True), 1)
-    assert np.abs(coloured[0] - plain[0]).max() > 0.1
+    for other in (cfg.replace(augmentations='crop,color,flip', augment_placement='auto'),
+                  cfg.replace(augment_placement='host')):
+        coloured = batches(data.build_dataset(other, True), 1)
+        assert np.abs(coloured[0] - plain[0]).max() > 0.1
 
 
 def test_one_undecodable_image_of_a_batch_leaves_the_others_as_they_were(config, mixed_folder,
                                                                           caplog):
     # The batch is made again with each decode caught: the other images are the same views.
+    # (Colour in the step, so the stand-in's views in the stream are its grey.)
     root = mixed_folder
-    cfg = config.replace(dataset=root)
+    cfg = config.replace(dataset=root, augment_placement='step')
     good = batches(data.build_dataset(cfg, True), 1)[0]
     bad = os.path.join(root, 'train', 'c0', '04.jpg')
     with open(bad, 'r+b') as f:  # a header that says height 0 (passes the listing's check)

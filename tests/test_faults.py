@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf import checkpoint, data, export, program, train
+from simclr_tf import checkpoint, data, export, program, sources, train
 from simclr_tf import model_dir as model_dir_lib
 from simclr_tf.config import Config, ConfigError
 
@@ -325,13 +325,13 @@ def test_corrupt_jpegs_in_training_are_named_counted_replaced_and_resumption_sta
     folder, bad = _corrupt_folder(tmp_path / 'data', sample_dir)
     config = _config(tmp_path / 'run', folder, train_steps=2, checkpoint_steps=2,
                      augmentations='crop,flip')
-    before = data.undecodable_count()
+    before = sources.undecodable_count()
     assert data.dataset_info(config, need_eval=False).num_train_examples == 16  # passed listing
     with caplog.at_level(logging.WARNING):
         state = train.train(config, tf.distribute.get_strategy(),
                             data.dataset_info(config, need_eval=False))
     assert state.step == 2 and not state.stopped  # one epoch: every image seen once
-    assert data.undecodable_count() - before == 2  # distinct files, however often met
+    assert sources.undecodable_count() - before == 2  # distinct files, however often met
     for path in bad:
         assert caplog.text.count(f'cannot decode {path}') == 1
     assert 'jpeg::Uncompress failed' in caplog.text
@@ -351,11 +351,11 @@ def test_corrupt_jpegs_among_photographs_of_mixed_sizes_are_replaced_too(tmp_pat
         image = tf.image.resize(tf.io.decode_jpeg(path.read_bytes()), (48, 40))
         path.write_bytes(tf.io.encode_jpeg(tf.cast(image, tf.uint8)).numpy())
     config = _config(tmp_path / 'run', folder, train_steps=2, checkpoint_steps=2)
-    assert data._source(str(folder), None).common_size('train') is None
-    before = data.undecodable_count()
+    assert sources.open_source(str(folder), None).common_size('train') is None
+    before = sources.undecodable_count()
     with caplog.at_level(logging.WARNING):
         batches = [x.numpy() for x, _ in data.build_dataset(config, True).take(2)]
-    assert data.undecodable_count() - before >= 1
+    assert sources.undecodable_count() - before >= 1
     assert caplog.text.count(f'cannot decode {bad[0]}') == 1  # the height-0 header
     assert all(b.shape == (8, 16, 16, 6) and np.isfinite(b).all() for b in batches)
 
@@ -367,8 +367,8 @@ def test_sigterm_stops_within_one_step_of_a_long_loop(tmp_path, sample_dir, monk
     step_s = 1.0
     make_step_fn = train.make_step_fn
 
-    def slow_step_fn(config, state, strategy):
-        step_fn = make_step_fn(config, state, strategy)
+    def slow_step_fn(config, state, strategy, plan):
+        step_fn = make_step_fn(config, state, strategy, plan)
 
         def slow(images, labels):
             metrics = step_fn(images, labels)

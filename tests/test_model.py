@@ -118,7 +118,7 @@ def test_fine_tuning_after_block_2_trains_block_groups_3_and_4_only():
 def _one_finetune_step(frozen_bn: str):
     """(model, variable values before, after) of one real training step (train.make_step_fn):
     fine-tuning after block 2 with ft_proj_selector=1, momentum SGD and weight decay 0.01."""
-    from simclr_tf import optim, train
+    from simclr_tf import optim, train, views
     config = TINY.replace(train_mode='finetune', fine_tune_after_block=2, ft_proj_selector=1,
                           frozen_bn=frozen_bn, optimizer='momentum', weight_decay=1e-2,
                           global_bn=False, train_batch_size=8)
@@ -127,7 +127,8 @@ def _one_finetune_step(frozen_bn: str):
     optimizer = optim.build_optimizer(config, schedule, model)
     optimizer.build(model.trainable_variables)
     state = train.TrainState(model, optimizer, None, schedule, 10, 10)
-    step = tf.function(train.make_step_fn(config, state, tf.distribute.get_strategy()))
+    plan = views.plan_views(config, True, None, False, accelerator=False)
+    step = tf.function(train.make_step_fn(config, state, tf.distribute.get_strategy(), plan))
     labels = tf.one_hot(tf.range(8) % NUM_CLASSES, NUM_CLASSES)
     before = {v.path: v.numpy() for v in model.variables}
     step(images(8) * 4.0 + 1.0, labels)  # far from the initial moving statistics (0, 1)

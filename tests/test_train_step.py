@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf import optim, train
+from simclr_tf import optim, train, views
 from simclr_tf.config import Config
 from simclr_tf.model import build_model
 
@@ -15,6 +15,7 @@ CONFIG = Config(resnet_depth=18, width_multiplier=0.25, image_size=16, proj_out_
                 color_jitter_strength=0.0, temperature=0.5,
                 learning_rate=0.5, weight_decay=1e-4, warmup_epochs=0, train_steps=10,
                 lineareval_while_pretraining=True)
+PLAN = views.plan_views(CONFIG, True, (16, 16), False, accelerator=False)
 
 
 def _state(config, strategy, weights):
@@ -42,7 +43,7 @@ def initial_weights():
 def _one_device(config, weights):
     strategy = tf.distribute.get_strategy()
     state = _state(config, strategy, weights)
-    metrics = tf.function(train.make_step_fn(config, state, strategy))(*_batch())
+    metrics = tf.function(train.make_step_fn(config, state, strategy, PLAN))(*_batch())
     return metrics.numpy(), state
 
 
@@ -55,7 +56,7 @@ def _two_replicas(config, weights, strategy):
         return strategy.experimental_distribute_values_from_function(
             lambda ctx: array[ctx.replica_id_in_sync_group * half:][:half])
 
-    step_fn = train.make_step_fn(config, state, strategy)
+    step_fn = train.make_step_fn(config, state, strategy, PLAN)
 
     @tf.function
     def step(x, y):
