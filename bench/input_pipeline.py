@@ -19,10 +19,11 @@ colour distortion and decode-failure handling (header, crop draw, decode, two fl
 crops, batch) and (e) TF's kernels alone (header, crop draw, decode, two bicubic resizes, one
 pixel a view kept): what a faithful pipeline on TF's kernels must run. Machine load hits all
 alike. At 224 px time windows of --steps=30 or more: a fresh iterator starts with work in
-flight, which a short window counts (10 steps overstated a deeper pipeline by ~13 % here). The
-stream leaves the colour distortion to the training step (augment.color_in_step):
-`in_training_step` times that program on one of the stream's batches on this CPU, the work
-moved off the host. Prints one JSON line: best and median images/s of each, the medians'
+flight, which a short window counts. The stream's views are made as the view plan for
+`--placement` says (default step: the colour distortion left to the training step, as on an
+accelerator; host: the authors' placement); `in_training_step` times the step's share of the
+augmentations, without blur, on one of the stream's batches on this CPU: the work moved off
+the host. Prints one JSON line: the plan, best and median images/s of each stream, the medians'
 ratios, the process's CPU time per wall second and per source image, the command.
 """
 
@@ -42,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tensorflow as tf  # noqa: E402
 
-from simclr_tf import augment, data  # noqa: E402
+from simclr_tf import augment, data, sources, views  # noqa: E402
 from simclr_tf.config import Config  # noqa: E402
 
 
@@ -77,13 +78,13 @@ def _resized_crops(paths: list, batch: int, size: int, flip_coins: bool,
                    out: Callable[[list, tf.Tensor], tf.Tensor]) -> tf.data.Dataset:
     """Endless batches of out(crops, coins) for each file: both views' boxes (and, with
     flip_coins, their flips) drawn from the header's size, the file decoded for them
-    (data.decode_crops) and each box resized to size (bicubic, left in [0, 255])."""
+    (sources.decode_crops) and each box resized to size (bicubic, left in [0, 255])."""
     draw = tf.function(augment.sample_crops, jit_compile=True, autograph=False)
     key = tf.constant([0, 1], tf.int64)
 
     def one(index, path):
         seed = tf.random.experimental.stateless_fold_in(key, index)
-        pixels, boxes, coins = data.decode_crops(tf.io.read_file(path), lambda h, w: (
+        pixels, boxes, coins = sources.decode_crops(tf.io.read_file(path), lambda h, w: (
             draw(h, w, 2, seed), augment.flip_coins(2, seed) if flip_coins else ()))
         return out([augment.resized_crop(pixels, boxes[v], size, rescale=False)
                     for v in range(2)], coins)
@@ -149,6 +150,8 @@ def main() -> None:
                         help="the authors' tf2/ directory: also time their pipeline")
     parser.add_argument('--floor', action='store_true',
                         help='also time the crops alone (image folders of mixed sizes)')
+    parser.add_argument('--placement', default='step', choices=('auto', 'host', 'step'),
+                        help="where the colour distortion runs (run.py's --augment_placement)")
     args = parser.parse_args()
 
     if args.extract and not os.path.isdir(args.data):
@@ -162,11 +165,13 @@ def main() -> None:
     config = Config(dataset=args.data, train_split='train', cache_dataset=args.cache,
                     image_size=args.image_size, train_batch_size=args.batch,
                     color_jitter_strength=args.color_jitter_strength,
-                    train_mode='pretrain', seed=0, use_tpu=False).validate()
+                    train_mode='pretrain', seed=0, use_tpu=False,
+                    augment_placement=args.placement).validate()
     info = data.dataset_info(config, need_eval=False)
-    paths = [p.decode() for p, _ in data._source(args.data, None).read('train', 1, 0)[0]
+    paths = [p.decode() for p, _ in sources.open_source(args.data, None).read('train', 1, 0)[0]
              .as_numpy_iterator()]
-    streams = {'pipeline': data.build_dataset(config, is_training=True)}
+    plan = data.view_plan(config, True)
+    streams = {'pipeline': data.build_dataset(config, is_training=True, plan=plan)}
     reference, reference_name = decode_only(paths, args.batch)
     streams['decode_only'] = reference
     if args.floor:
@@ -203,9 +208,9 @@ def main() -> None:
                 images = out[0]
                 shape = images.shape.as_list()
     median = {name: statistics.median(r) for name, r in rates.items()}
-    moved = _step_share(config, images)
+    moved = _step_share(config, plan, images)
     print(json.dumps({
-        'metric': 'source_images_per_s (two views each)',
+        'metric': 'source_images_per_s (two views each)', 'plan': plan.line(),
         'best': round(max(rates['pipeline'])), 'median': round(median['pipeline']),
         'windows': [round(r) for r in rates['pipeline']], 'batch_shape': shape,
         'reference': reference_name,
@@ -228,14 +233,14 @@ def main() -> None:
         'command': shlex.join(['python'] + sys.argv)}))
 
 
-def _step_share(config: Config, images: tf.Tensor) -> dict:
-    """What the stream leaves to the training step (the colour distortion, augment.color_in_step)
-    timed on one of its batches with the step's compiled program on this CPU: the work moved,
-    not removed (on an accelerator it runs there)."""
-    if not augment.color_in_step(config):
+def _step_share(config: Config, plan: views.ViewPlan, images: tf.Tensor) -> dict:
+    """What the stream leaves to the training step but blur (the colour distortion, where the
+    plan puts it there) timed on one of its batches with the step's compiled program on this
+    CPU: the work moved, not removed (on an accelerator it runs there)."""
+    if plan.color != 'step':
         return {}
-    colour = tf.function(lambda x, seed: augment.step_views(
-        tf.split(x, 2, axis=-1), config.replace(use_blur=False), seed))
+    colour = tf.function(lambda x, seed: views.step_views(
+        tf.split(x, 2, axis=-1), plan, config.replace(use_blur=False), seed))
     colour(images, tf.constant([0, 0], tf.int64))  # compiles
     times = []
     for i in range(7):  # the best: the streams' threads may still be winding down (which is

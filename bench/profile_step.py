@@ -57,7 +57,7 @@ def main(argv) -> None:
     config = run.config_from_flags().replace(model_dir=tempfile.mkdtemp(prefix='simclr_prof_'),
                                              mode='train')
     step = training_step.build(config)
-    loop, iterator = step.loop, step.synthetic
+    loop, iterator = step.model_loop, step.synthetic
 
     loop(iterator, tf.constant(2)).numpy()
     t0 = time.perf_counter()

@@ -5,10 +5,12 @@
 
 Takes run.py's flags (a flag set is a run's flag set). Builds the model, optimizer and training
 loop exactly as run.py does, then alternates timed windows of `--bench_steps` steps fed
-(a) by the real input pipeline (decode, cache, shuffle, two augmented views) and (b) by one
-synthetic batch of the same shape held in memory (the model-only bound: same step, same blur,
-no input work). Compilation and the cache fill are excluded by `--bench_warmup_steps`.
-Prints one JSON line: median pairs/s of both, their ratio, peak RSS, the config and command.
+(a) by the real input pipeline (decode, cache, shuffle, two augmented views, the step's share of
+the augmentations as the run's view plan places them: `--augment_placement`) and (b) by one
+synthetic batch of ready views held in memory, the step doing no augmentation (the model-only
+bound: the same model, loss and update, no input or augmentation work). Compilation and the
+cache fill are excluded by `--bench_warmup_steps`. Prints one JSON line: median pairs/s of both,
+their ratio, the plan, peak RSS, the config and command.
 """
 
 import json
@@ -35,6 +37,9 @@ flags.DEFINE_string('extract', None, 'tar.gz to extract into --dataset first if 
 flags.DEFINE_integer('program_steps', 0, 'Also run run.py itself for this many steps, seeded and '
                      'unseeded (bench/program_runs.py); 0: skip.')
 flags.DEFINE_integer('program_rounds', 2, 'Alternating seeded/unseeded run.py runs of each kind.')
+flags.DEFINE_string('authors_code', None, "The authors' tf2/ directory: also time the same step fed "
+                    "by their input pipeline (bench/input_pipeline.py's, from an image folder), "
+                    "blur in the step as theirs: their placement end to end.")
 flags.DEFINE_boolean('program_concurrent', False, 'Run the seeded and unseeded run.py at the same '
                      'time, each pinned to half of the cores (robust to other load; '
                      'bench/program_runs.py).')
@@ -60,31 +65,38 @@ def main(argv) -> None:
                                                FLAGS.program_rounds, FLAGS.program_concurrent)
     config = config.replace(mode='train')
     step = training_step.build(config)
-    loop, synthetic = step.loop, step.synthetic
-    real = iter(data.build_distributed_dataset(step.strategy, config, True))
+    print(step.plan.line(), file=sys.stderr)
+    real = iter(data.build_distributed_dataset(step.strategy, config, True, plan=step.plan))
 
-    def timed(iterator, steps: int) -> float:
+    def timed(loop, iterator, steps: int) -> float:
         t0 = time.perf_counter()
         loop(iterator, tf.constant(steps)).numpy()
         return config.train_batch_size * steps / (time.perf_counter() - t0)
 
-    for iterator in (synthetic, real):
-        timed(iterator, FLAGS.bench_warmup_steps)
-    rates = {'model_only': [], 'end_to_end': []}
+    kinds = {'model_only': (step.model_loop, step.synthetic), 'end_to_end': (step.loop, real)}
+    if FLAGS.authors_code:
+        kinds['authors_end_to_end'] = _authors(config, step)
+    for loop, iterator in kinds.values():
+        timed(loop, iterator, FLAGS.bench_warmup_steps)
+    rates = {kind: [] for kind in kinds}
     for _ in range(FLAGS.bench_windows):  # alternate, so drift hits both alike
-        rates['model_only'].append(timed(synthetic, FLAGS.bench_steps))
-        rates['end_to_end'].append(timed(real, FLAGS.bench_steps))
+        for kind, (loop, iterator) in kinds.items():
+            rates[kind].append(timed(loop, iterator, FLAGS.bench_steps))
         print(f'window: model-only {rates["model_only"][-1]:.2f}, end-to-end '
               f'{rates["end_to_end"][-1]:.2f} pairs/s', file=sys.stderr)
     e2e, bound = (statistics.median(rates[k]) for k in ('end_to_end', 'model_only'))
+    authors = ({'authors_pairs_per_s': round(statistics.median(rates['authors_end_to_end']), 2),
+                'over_authors': round(e2e / statistics.median(rates['authors_end_to_end']), 3)}
+               if FLAGS.authors_code else {})
     keys = ('resnet_depth', 'width_multiplier', 'image_size', 'train_batch_size', 'optimizer',
             'jit_compile', 'mixed_precision', 'cpu_replicas', 'use_blur', 'augmentations',
-            'cache_dataset', 'dataset')
+            'cache_dataset', 'dataset', 'augment_placement')
     print(json.dumps({
         'pairs_per_s': round(e2e, 2), 'model_only_pairs_per_s': round(bound, 2),
-        'efficiency': round(e2e / bound, 3),
+        'efficiency': round(e2e / bound, 3), **authors,
         'peak_rss_gb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         'windows': {k: [round(r, 2) for r in v] for k, v in rates.items()},
+        'plan': step.plan.line(),
         'steps_per_window': FLAGS.bench_steps, 'cpus': os.cpu_count(),
         'onednn': _onednn_enabled(),
         'threads': {'inter_op': config.inter_op_threads, 'intra_op': config.intra_op_threads},
@@ -92,6 +104,27 @@ def main(argv) -> None:
         'seed': config.seed, 'program': program,
         'command': 'python ' + ' '.join(map(shlex.quote, sys.argv)),
     }))
+
+
+def _authors(config, step) -> tuple:
+    """(loop, iterator): the step with blur only (theirs: in the model's call) fed by the
+    authors' pretraining input, colour and all on the host, from the folder's train split."""
+    import dataclasses
+
+    import input_pipeline
+    import tensorflow as tf
+    from simclr_tf import sources, train
+
+    plan = dataclasses.replace(step.plan, in_step=tuple(o for o in step.plan.in_step
+                                                        if o == 'blur'))
+    loop = train.make_loop_fn(config, step.state, step.strategy, plan)
+    paths = [p.decode() for p, _ in sources.open_source(config.dataset, None).read(
+        config.train_split, 1, 0)[0].as_numpy_iterator()]
+    labels = tf.one_hot(tf.zeros([step.per_replica], tf.int32), step.info.num_classes)
+    stream = input_pipeline.authors(FLAGS.authors_code, paths, step.per_replica,
+                                    config.image_size, config.color_jitter_strength)
+    return loop, iter(step.strategy.distribute_datasets_from_function(
+        lambda _: stream.map(lambda x: (x, labels))))
 
 
 def _onednn_enabled() -> bool:
