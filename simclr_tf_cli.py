@@ -21,9 +21,9 @@ from typing import Optional
 
 from absl import app, flags, logging
 
-# oneDNN kernels: TensorFlow turns them on by itself only on some Intel CPUs; on the 2-core AMD
-# machines here they train a ResNet-18 1.5x faster (bench/throughput.py: 9.2 vs 5.9 pairs/s).
-# Set TF_ENABLE_ONEDNN_OPTS=0 to turn them off. Must be set before TensorFlow is imported.
+# oneDNN kernels: TensorFlow turns them on by itself only on some Intel CPUs; on AMD CPUs they
+# train much faster than its default kernels (docs/benchmarks.md). Set TF_ENABLE_ONEDNN_OPTS=0
+# to turn them off. Must be set before TensorFlow is imported.
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '1')
 
 from simclr_tf.config import Config, ConfigError

@@ -1,16 +1,18 @@
-"""The stochastic data augmentation module (paper §3, Appendix A).
+"""The stochastic data augmentation module (paper §3, Appendix A): the ops, and a view made of them.
 
 Every op works on a batch of float32 images in [0, 1], [b, H, W, 3], with its own random
 parameters per image, drawn by stateless ops from one seed (shape [2] int): a view is a pure
-function of (images, seed). The public `preprocess_*` functions also take a single [H, W, 3]
-image. Working on whole batches lets the input pipeline run one graph call per batch instead of
-one per image, which is what makes it fast on a CPU.
+function of (images, seed). Working on whole batches lets a stream or a training step run one
+graph call per batch instead of one per image.
 
-A pretraining view applies `config.augmentation_list` in order (default crop, flip, color, blur),
-except blur: like the authors, the training loop blurs whole batches after both views are made
-(`batch_random_blur`). Unlike them, the step also applies a trailing colour distortion to whole
-batches (`color_in_step`, `step_views`): the same draw per image, off the host. The paper's
-other ablation ops (Figure 5) are here too: cutout, Sobel filter, Gaussian noise, rotation.
+The public API: `preprocess_for_pretrain`, `preprocess_for_finetune` and `preprocess_for_eval`
+(one view of an image [H, W, 3] or a batch, for a pipeline of your own), `view` (any list of
+ops), the ops themselves (`random_resized_crop` with the authors' crop draw `sample_crops`,
+`random_flip`, `random_color_distortion` = `apply_color` of a `draw_color`, `to_grayscale`,
+`batch_random_blur` with `gaussian_blur`, and the paper's other ablation ops of Figure 5:
+`cutout`, `sobel`, `gaussian_noise`, `random_rotate`), and what the input pipeline builds on
+(`finish_views`, `resized_crop`, `sample_views`, `op_seeds`). Where each op runs in a training
+run (image by image, on batches, or in the training step) is decided by `views`, not here.
 """
 
 from __future__ import annotations
@@ -179,7 +181,8 @@ def resized_crop(image: tf.Tensor, box: tf.Tensor, size: int, rescale: bool = Tr
     rescale=False leaves a uint8 image's crop in [0, 255] (`finish_views` scales it inside its
     program, saving a pass)."""
     window = tf.slice(image, tf.stack([box[0], box[1], 0]), tf.stack([box[2], box[3], 3]))
-    # The same numbers from a float window, ~20 % sooner: the kernel is slower reading uint8.
+    # The same numbers from a float window, sooner: the kernel is slower reading uint8
+    # (docs/benchmarks.md).
     out = tf.image.resize(tf.cast(window, tf.float32), [size, size], method='bicubic')
     return out / 255.0 if image.dtype == tf.uint8 and rescale else out
 
@@ -233,19 +236,6 @@ def _jitter_params(b: tf.Tensor, strength: float, seed: Seed, brightness: str) -
     order = tf.argsort(_uniform(order_seed, [b, 4]), axis=1, stable=True)
     return (order, bright_scale, bright_shift, factor(c_seed), factor(s_seed),
             _uniform(h_seed, [b], -hue_delta, hue_delta))
-
-
-def color_jitter(images: tf.Tensor, strength: float, seed: Seed,
-                 brightness: str = 'multiplicative', jit: bool = False) -> tf.Tensor:
-    """Brightness, contrast, saturation (0.8 s each) and hue (0.2 s) in a random order per
-    image, clipping to [0, 1] after each, as the authors do. Brightness is multiplicative
-    (SimCLRv2: x * U(1 - d, 1 + d)) or additive (v1: x + U(-d, d))."""
-    if strength <= 0:
-        return images
-    b = tf.shape(images)[0]
-    params = _jitter_params(b, strength, seed, brightness)
-    on, off = tf.ones([b], tf.bool), tf.zeros([b], tf.bool)
-    return _color(images, on, off, *params, jit=jit)
 
 
 def _planes(images: tf.Tensor) -> list[tf.Tensor]:
@@ -307,13 +297,15 @@ def _jitter_step(images, op, bright_scale, bright_shift, contrast, saturation, h
     return tf.clip_by_value(out, 0.0, 1.0)
 
 
-def _color(images, jitter, gray, order, bright_scale, bright_shift, contrast, saturation, hue,
-           jit: bool = False):
-    """The colour distortion with drawn parameters: for each image its four jitter steps where
-    `jitter`, then grey where `gray`. For a batch each step is one compiled program (run four
-    times): in one program XLA would recompute every step inside each consumer of its output.
-    A single image's steps are conditionals, whose outputs XLA keeps: one program for all."""
-    params = (order, bright_scale, bright_shift, contrast, saturation, hue)
+def apply_color(images: tf.Tensor, drawn: tuple, jit: bool = False) -> tf.Tensor:
+    """The colour distortion `draw_color` drew, applied to [b, H, W, 3] images in [0, 1]: each
+    image's four jitter steps where its jitter coin fired, then grey where its grey coin did.
+    For a batch each step is one compiled program (run four times), which computes the four ops
+    and keeps each image's own: in one program XLA would recompute every step inside each
+    consumer of its output. A single image's steps are conditionals, whose outputs XLA keeps
+    (one program, each step only its own op): the cheaper form image by image."""
+    jitter, gray, order, *rest = drawn
+    params = (order, *rest)
     if images.shape[0] == 1:
         return _compiled(_color_steps, jit)(images, jitter, gray, *params)
     out = images
@@ -345,15 +337,21 @@ def _select_then_gray(jitter: tf.Tensor, gray: tf.Tensor, jittered: tf.Tensor,
     return _select(gray, to_grayscale(images), images)
 
 
-def _draw_color(seed: Seed, strength: float, brightness: str) -> tuple:
-    """One image's colour-distortion draw: (jitter coin, grey coin, order, parameters)."""
-    jitter, gray, jitter_seed = _color_coins(1, seed)
-    return (jitter, gray) + _jitter_params(1, strength, jitter_seed, brightness)
+def draw_color(n: int, seed: Seed, strength: float, brightness: str = 'multiplicative'
+               ) -> tuple:
+    """The colour distortion's draw for n images, as the authors': whether the jitter fires
+    (p = 0.8) and, independently, grey (p = 0.2); the order of the four jitter ops, uniform over
+    permutations; brightness, contrast and saturation factors U(1 - 0.8 s, 1 + 0.8 s) (or an
+    additive brightness U(-0.8 s, 0.8 s), v1) and a hue shift U(-0.2 s, 0.2 s). A tuple of [n]
+    (order [n, 4]) tensors: (jitter, grey, order, brightness scale, brightness shift, contrast,
+    saturation, hue)."""
+    jitter, gray, jitter_seed = _color_coins(n, seed)
+    return (jitter, gray) + _jitter_params(n, strength, jitter_seed, brightness)
 
 
 def _finish_color(crop: tf.Tensor, scale: float, *drawn) -> tf.Tensor:
     """A resized crop [S, S, 3] in [0, scale] -> [0, 1], clipped, then coloured (`drawn`:
-    `_draw_color`'s), one program."""
+    `draw_color`'s for one image), one program."""
     return _color_steps(_unit(crop, scale)[None], *drawn)[0]
 
 
@@ -365,8 +363,8 @@ def finish_view(crop: tf.Tensor, names: Sequence[str], config: Config, seed: See
     program draws the distortion and another scales, clips and colours the pixels: drawn
     inside the pixels' program, XLA would redo the draw for every pixel."""
     if tuple(names) == ('color',) and config.color_jitter_strength > 0:
-        drawn = _xla(_draw_color)(op_seeds(seed)['color'], config.color_jitter_strength,
-                                 config.brightness)
+        drawn = _xla(draw_color)(1, op_seeds(seed)['color'], config.color_jitter_strength,
+                                config.brightness)
         return _xla(_finish_color)(crop, scale, *drawn)
     return view(_unit(crop, scale)[None], names, config, seed, fit=False, jit=True)[0]
 
@@ -422,10 +420,8 @@ def random_color_distortion(images: tf.Tensor, config: Config, seed: Seed, jit: 
     no colour op at all, grey included, as the authors (their "no colour" ablations)."""
     if config.color_jitter_strength <= 0:
         return images
-    b = tf.shape(images)[0]
-    jitter, gray, jitter_seed = _color_coins(b, seed)
-    params = _jitter_params(b, config.color_jitter_strength, jitter_seed, config.brightness)
-    return _color(images, jitter, gray, *params, jit=jit)
+    drawn = draw_color(tf.shape(images)[0], seed, config.color_jitter_strength, config.brightness)
+    return apply_color(images, drawn, jit=jit)
 
 
 # ---------------------------------------------------------------- the ablation's other ops
@@ -498,7 +494,8 @@ def _xla(fn: Callable) -> Callable:
 
 def _compiled(fn: Callable, jit: bool) -> Callable:
     """fn, or fn compiled with XLA (one program per input shape, shared by all callers). On a
-    CPU, XLA fuses chains of elementwise steps: 3-4x faster here. The colour distortion is
+    CPU, XLA fuses chains of elementwise steps into one pass over the pixels (docs/benchmarks.md
+has the figures). The colour distortion is
     compiled apart from its neighbours: in one program XLA would recompute the whole fused
     jitter inside each of its consumers."""
     return _xla(fn) if jit else fn
@@ -576,7 +573,7 @@ def blur_radius(image_size: int) -> int:
     return (image_size // 10) // 2
 
 
-def _sample_blur(batch: tf.Tensor, seed: Seed) -> tuple[tf.Tensor, tf.Tensor]:
+def sample_blur(batch: tf.Tensor, seed: Seed) -> tuple[tf.Tensor, tf.Tensor]:
     """Per image: whether to blur (p = 0.5) and sigma ~ U(0.1, 2.0)."""
     coin_seed, sigma_seed = split_seed(seed, 2)
     return _uniform(coin_seed, [batch]) < BLUR_P, _uniform(sigma_seed, [batch], *BLUR_SIGMA)
@@ -612,68 +609,7 @@ def batch_random_blur(views: list[tf.Tensor], config: Config, seed: Optional[See
     radius = blur_radius(config.image_size)
     out = []
     for images, view_seed in zip(views, split_seed(stateless_seed(seed), len(views))):
-        apply, sigma = _sample_blur(tf.shape(images)[0], view_seed)
+        apply, sigma = sample_blur(tf.shape(images)[0], view_seed)
         blurred = gaussian_blur(images, sigma, radius)
         out.append(tf.clip_by_value(_select(apply, blurred, images), 0.0, 1.0))
     return out
-
-
-# ---------------------------------------------------------------- the picture
-def _main(argv: Optional[list[str]] = None) -> None:
-    """Renders augmented pairs as a PNG grid: each cell is source | view 1 | view 2."""
-    import argparse
-
-    import numpy as np
-    from PIL import Image
-
-    from simclr_tf import data  # a leaf command; the library direction is data -> augment
-
-    parser = argparse.ArgumentParser(prog='python -m simclr_tf.augment', description=_main.__doc__)
-    parser.add_argument('--dataset', required=True, help='TFDS name or <split>/<class>/<image> dir')
-    parser.add_argument('--data_dir', default=None)
-    parser.add_argument('--split', default='train')
-    parser.add_argument('--out', default='views.png')
-    parser.add_argument('--n', type=int, default=12, help='number of source images')
-    parser.add_argument('--columns', type=int, default=3, help='pairs per row of the grid')
-    parser.add_argument('--image_size', type=int, default=32)
-    parser.add_argument('--scale', type=int, default=3, help='pixel magnification in the PNG')
-    parser.add_argument('--color_jitter_strength', type=float, default=0.5)
-    parser.add_argument('--augmentations', default=Config.augmentations)
-    parser.add_argument('--use_blur', type=lambda s: s.lower() in ('1', 'true', 'yes'),
-                        default=True)
-    parser.add_argument('--brightness', default='multiplicative')
-    parser.add_argument('--seed', type=int, default=0)
-    args = parser.parse_args(argv)
-    config = Config(dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
-                    color_jitter_strength=args.color_jitter_strength, use_blur=args.use_blur,
-                    augmentations=args.augmentations, brightness=args.brightness,
-                    seed=args.seed, train_split=args.split, use_tpu=False).validate()
-
-    # Spread the picks over the split rather than taking the first files.
-    total = data.dataset_info(config, need_eval=False).num_train_examples
-    picks = data.examples(config, args.split).shard(max(total // args.n, 1), 0).take(args.n)
-    sources = [image for image, _ in picks]
-    seeds = tf.random.experimental.stateless_split(tf.constant([args.seed, 0], tf.int64),
-                                                   2 * len(sources) + 1)
-    views = [tf.stack([preprocess_for_pretrain(x, config, seeds[2 * i + v])
-                       for i, x in enumerate(sources)]) for v in (0, 1)]
-    views = batch_random_blur(views, config, seeds[-1])
-    cells = []
-    for i, source in enumerate(sources):
-        row = [preprocess_for_eval(source, config), views[0][i], views[1][i]]
-        cells.append(np.concatenate([np.pad(r.numpy(), [[1, 1], [1, 1], [0, 0]], constant_values=1)
-                                     for r in row], axis=1))
-    cells += [np.ones_like(cells[0])] * (-len(cells) % args.columns)
-    gap = np.ones_like(cells[0][:, :4])
-    rows = [np.concatenate(sum(([c, gap] for c in cells[r:r + args.columns]), [])[:-1], axis=1)
-            for r in range(0, len(cells), args.columns)]
-    grid = np.concatenate(sum(([r, np.ones_like(r[:4])] for r in rows), [])[:-1], axis=0)
-    grid = np.kron(grid, np.ones([args.scale, args.scale, 1]))
-    Image.fromarray(np.round(grid * 255).astype(np.uint8)).save(args.out, optimize=True)
-    print(f'wrote {args.out}: {len(sources)} images, each source | view 1 | view 2; '
-          f'augmentations={config.augmentations} use_blur={config.use_blur} '
-          f'color_jitter_strength={config.color_jitter_strength} seed={config.seed}')
-
-
-if __name__ == '__main__':
-    _main()

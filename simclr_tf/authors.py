@@ -21,9 +21,9 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
-from simclr_tf.authors_layout import (  # noqa: F401 (checkpoint_layout: re-exported)
+from simclr_tf.authors_layout import (
     DEFAULT_SK_RATIO, PARTS, SK_MIN_DIM, SUFFIX, Architecture, Builder, Entry, Layer, all_weights,
-    checkpoint_layout, layout, trainable_weights)
+    layout, trainable_weights)
 from simclr_tf.config import Config, ConfigError
 from simclr_tf.resnet import ARCHITECTURES, channels
 

@@ -27,9 +27,8 @@ def configure_cpu_replicas(n: int) -> None:
 def configure_threads(config: Config) -> None:
     """TensorFlow's inter-/intra-op thread pools (0 keeps its default); before it starts.
 
-    On a 2-core CPU one inter-op thread trains as fast as two and lowers the peak memory of a
-    ResNet-18 step at batch 256 from 4.9 to 4.0 GB (bench/throughput.py): fewer ops run at once,
-    so fewer of their buffers are alive together."""
+    On a small CPU one inter-op thread trains as fast as more and lowers the peak memory
+    (docs/benchmarks.md): fewer ops run at once, so fewer of their buffers are alive together."""
     if config.inter_op_threads:
         tf.config.threading.set_inter_op_parallelism_threads(config.inter_op_threads)
     if config.intra_op_threads:

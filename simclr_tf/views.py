@@ -42,7 +42,7 @@ CROPS = {
     'batch': 'random crops of whole batches (images of one size)',
     'window': 'random crops, each JPEG decoded only in its crops\' window',
     'image': 'random crops of each image, decoded whole',
-    'central': 'the central crop (eval)',
+    'central': 'eval: the central crop (the image as it is at <= 32 px)',
     'none': 'no crop',
 }
 

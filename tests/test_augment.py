@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from simclr_tf import augment, views
+from simclr_tf import augment, picture, views
 from simclr_tf.config import Config
 
 N = 2400  # draws for the statistical tests; 3 sigma of a fraction p is <= 0.031 at p = 0.5
@@ -47,12 +47,14 @@ def test_colour_jitter_is_applied_to_about_80_percent_of_views(colour_views):
 
 def test_colour_jitter_ranges_and_random_order():
     x = tf.random.stateless_uniform([N, 4, 4, 3], [0, 1], 0.2, 0.8)
-    y = augment.color_jitter(x, 1.0, tf.constant([3, 4]))
+    seed = tf.constant([3, 4])
+    y = augment.random_color_distortion(x, CONFIG, seed)
     assert float(tf.reduce_min(y)) >= 0 and float(tf.reduce_max(y)) <= 1
     assert not np.allclose(y.numpy(), x.numpy())
-    assert np.array_equal(augment.color_jitter(x, 0.0, tf.constant([3, 4])).numpy(), x.numpy())
+    off = CONFIG.replace(color_jitter_strength=0.0)
+    assert np.array_equal(augment.random_color_distortion(x, off, seed).numpy(), x.numpy())
     # Additive (v1) brightness differs from multiplicative (v2) for the same seed.
-    y1 = augment.color_jitter(x, 1.0, tf.constant([3, 4]), brightness='additive')
+    y1 = augment.random_color_distortion(x, CONFIG.replace(brightness='additive'), seed)
     assert not np.allclose(y1.numpy(), y.numpy())
 
 
@@ -67,7 +69,7 @@ def test_blur_is_applied_to_about_half_of_the_views_with_sigma_in_range(image):
     config = CONFIG.replace(use_blur=True)
     seed = tf.constant([5, 6], tf.int64)
     # The same per-image decisions batch_random_blur draws for its (only) view.
-    apply, sigma = augment._sample_blur(N, augment.split_seed(seed, 1)[0])
+    apply, sigma = augment.sample_blur(N, augment.split_seed(seed, 1)[0])
     apply, sigma = apply.numpy(), sigma.numpy()
     assert abs(apply.mean() - 0.5) <= 0.03, apply.mean()
     assert sigma.min() >= 0.1 and sigma.max() <= 2.0 and sigma.max() - sigma.min() > 1.5
@@ -231,20 +233,16 @@ def test_compiled_ops_compute_what_the_plain_ops_do():
     order = tf.constant([[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1]] * 2)
     p = [tf.random.stateless_uniform([8], [i, 0], 0.5, 1.5) for i in range(4)]
     coins = tf.constant([True, False] * 4), tf.constant([False, False, True, False] * 2)
-    params = coins + (order, p[0], p[1] - 1, p[2], p[3], p[3] - 1)
-    for fn, args in ((lambda x, b: augment.crop_and_resize(x, b, 32), (x, boxes)),
-                     (augment._jitter_step, (x, order[:, 0]) + params[3:]),
-                     (augment._jitter_step, (x[:1], order[:1, 2]) + params[3:])):
-        np.testing.assert_allclose(augment._xla(fn)(*args), fn(*args), atol=2e-5)
-    np.testing.assert_allclose(augment._color(x, *params, jit=True), augment._color(x, *params),
+    drawn = coins + (order, p[0], p[1] - 1, p[2], p[3], p[3] - 1)
+    resize = lambda x, b: augment.crop_and_resize(x, b, 32)  # noqa: E731
+    np.testing.assert_allclose(tf.function(resize, jit_compile=True)(x, boxes), resize(x, boxes),
                                atol=2e-5)
-    # One image (one program of conditionals) is coloured as it is in the batch.
-    np.testing.assert_allclose(augment._color(x[2:3], *[v[2:3] for v in params], jit=True),
-                               augment._color(x, *params)[2:3], atol=2e-5)
-    # A single image's step is the batch's step for that image.
-    np.testing.assert_allclose(augment._jitter_step(x[2:3], order[2:3, 1],
-                                                    *[v[2:3] for v in params[3:]]),
-                               augment._jitter_step(x, order[:, 1], *params[3:])[2:3], atol=1e-6)
+    np.testing.assert_allclose(augment.apply_color(x, drawn, jit=True),
+                               augment.apply_color(x, drawn), atol=2e-5)
+    # One image (one program of conditionals, compiled or not) is coloured as in the batch.
+    for jit in (True, False):
+        np.testing.assert_allclose(augment.apply_color(x[2:3], [v[2:3] for v in drawn], jit=jit),
+                                   augment.apply_color(x, drawn)[2:3], atol=2e-5)
 
 
 def test_colour_ops_are_tfs_saturation_and_hue_kernels():
@@ -261,7 +259,7 @@ def test_colour_ops_are_tfs_saturation_and_hue_kernels():
 
 def test_the_picture_command_writes_a_grid_of_pairs(sample_dir, tmp_path):
     out = tmp_path / 'views.png'
-    augment._main(['--dataset', sample_dir, '--out', str(out), '--n', '4', '--columns', '2',
+    picture.main(['--dataset', sample_dir, '--out', str(out), '--n', '4', '--columns', '2',
                    '--scale', '1'])
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 * 34 + 4, 2 * 3 * 34 + 4, 3)  # 2 x 2 cells of 3 padded images
@@ -295,9 +293,9 @@ def test_a_finished_crop_is_coloured_as_the_batch_code_colours_it():
     crop = tf.random.stateless_uniform([24, 24, 3], [1, 2], -10, 265)  # bicubic overshoots
     for i in range(12):
         seed = tf.constant([i, 7], tf.int64)
-        drawn = augment._xla(augment._draw_color)(augment.op_seeds(seed)['color'], 1.0,
-                                                  config.brightness)
-        expected = augment._color(tf.clip_by_value(crop / 255.0, 0, 1)[None], *drawn)[0]
+        drawn = tf.function(augment.draw_color, jit_compile=True)(
+            1, augment.op_seeds(seed)['color'], 1.0, config.brightness)
+        expected = augment.apply_color(tf.clip_by_value(crop / 255.0, 0, 1)[None], drawn)[0]
         np.testing.assert_allclose(augment.finish_view(crop, ('color',), config, seed),
                                    expected, atol=2e-5)
     # Other rests go through view(); strength 0 is no colour op at all.
@@ -307,10 +305,10 @@ def test_a_finished_crop_is_coloured_as_the_batch_code_colours_it():
 
 def test_the_compiled_colour_draw_has_the_authors_probabilities_and_ranges():
     # What the per-image path draws: the compiled draw (other numbers than the plain ops').
-    compiled = augment._xla(augment._draw_color)
+    compiled = tf.function(augment.draw_color, jit_compile=True)
     draw = tf.function(lambda s: tf.map_fn(
         lambda x: tf.concat([tf.reshape(tf.cast(v, tf.float32), [-1])
-                             for v in compiled(x, 1.0, 'multiplicative')], 0),
+                             for v in compiled(1, x, 1.0, 'multiplicative')], 0),
         s, fn_output_signature=tf.float32))
     n = 4000
     d = draw(tf.random.experimental.stateless_split(tf.constant([5, 1], tf.int64), n)).numpy()

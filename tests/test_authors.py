@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simclr_tf import authors, convert
+from simclr_tf import authors, authors_layout, convert
 from simclr_tf.checkpoint import Checkpointer
 from simclr_tf.config import Config
 from simclr_tf.model import build_model
@@ -359,7 +359,7 @@ def test_generated_layout_is_theirs_for_se_resnet_d_frozen_stages_and_other_head
     assert arch.sk_ratio == float(flags.get('sk_ratio', 0))
     assert arch.cifar_stem == (int(flags['image_size']) <= 32)
     assert arch.ft_proj_selector == int(flags.get('ft_proj_selector', 0))
-    assert {k: e.shape for k, e in authors.checkpoint_layout(arch).items()} == shapes
+    assert {k: e.shape for k, e in authors_layout.checkpoint_layout(arch).items()} == shapes
     finetune = flags['train_mode'] == 'finetune'
     frozen = int(flags.get('fine_tune_after_block', -1)) if finetune else -1
     generated = authors.layout(arch, frozen)

@@ -38,6 +38,10 @@ def test_authors_readme_commands_run_unchanged(tmp_path, sample_dir):
         '--use_tpu=False', *extra)
     assert pretrain.returncode == 0, pretrain.stderr[-3000:]
     assert tf.train.latest_checkpoint(str(pretrain_dir)).endswith('ckpt-2')
+    # The view plan, one line at the start (CPU only, images of one size).
+    plan = [line for line in pretrain.stderr.splitlines() if 'views: 2 an image' in line]
+    assert len(plan) == 1 and 'crop: random crops of whole batches' in plan[0]
+    assert '(auto: CPU only, images of one size)' in plan[0]
 
     linear = run_py(
         '--mode=train_then_eval', '--train_mode=finetune', '--fine_tune_after_block=4',
@@ -102,10 +106,12 @@ def _train(config, crash_at=None):
     return train.train(config, tf.distribute.get_strategy(), info, on_checkpoint=maybe_crash)
 
 
-def test_resume_equals_uninterrupted(tmp_path, sample_dir):
-    """4 steps in one run == 2 steps, a crash after the checkpoint, and a rerun (with --seed)."""
-    whole = _train(_config(tmp_path / 'whole', sample_dir))
-    resumed_config = _config(tmp_path / 'resumed', sample_dir)
+@pytest.mark.parametrize('placement', ['host', 'step'])
+def test_resume_equals_uninterrupted(tmp_path, sample_dir, placement):
+    """4 steps in one run == 2 steps, a crash after the checkpoint, and a rerun (with --seed),
+    the colour distortion in the stream or in the step."""
+    whole = _train(_config(tmp_path / 'whole', sample_dir, augment_placement=placement))
+    resumed_config = _config(tmp_path / 'resumed', sample_dir, augment_placement=placement)
     with pytest.raises(_Crash):
         _train(resumed_config, crash_at=2)
     assert tf.train.latest_checkpoint(str(tmp_path / 'resumed')).endswith('ckpt-2')
