@@ -9,8 +9,10 @@ loop exactly as run.py does, then alternates timed windows of `--bench_steps` st
 the augmentations as the run's view plan places them: `--augment_placement`) and (b) by one
 synthetic batch of ready views held in memory, the step doing no augmentation (the model-only
 bound: the same model, loss and update, no input or augmentation work). Compilation and the
-cache fill are excluded by `--bench_warmup_steps`. Prints one JSON line: median pairs/s of both,
-their ratio, the plan, peak RSS, the config and command.
+cache fill are excluded by `--bench_warmup_steps`. `--other_placements` and `--authors_code` add
+kinds timed in the same windows: other placements of the augmentations, and the authors' input.
+Prints one JSON line: median pairs/s of each, their ratios, the plan, peak RSS, the config and
+command.
 """
 
 import json
@@ -37,6 +39,9 @@ flags.DEFINE_string('extract', None, 'tar.gz to extract into --dataset first if 
 flags.DEFINE_integer('program_steps', 0, 'Also run run.py itself for this many steps, seeded and '
                      'unseeded (bench/program_runs.py); 0: skip.')
 flags.DEFINE_integer('program_rounds', 2, 'Alternating seeded/unseeded run.py runs of each kind.')
+flags.DEFINE_list('other_placements', [], "Also time end to end, in the same process and the same "
+                  "windows, the step and stream of these --augment_placement values (host, step, "
+                  "auto): placements compared as ratios of one run.")
 flags.DEFINE_string('authors_code', None, "The authors' tf2/ directory: also time the same step fed "
                     "by their input pipeline (bench/input_pipeline.py's, from an image folder), "
                     "blur in the step as theirs: their placement end to end.")
@@ -74,6 +79,8 @@ def main(argv) -> None:
         return config.train_batch_size * steps / (time.perf_counter() - t0)
 
     kinds = {'model_only': (step.model_loop, step.synthetic), 'end_to_end': (step.loop, real)}
+    for placement in FLAGS.other_placements:
+        kinds[f'end_to_end_{placement}'] = _placement(config, step, placement)
     if FLAGS.authors_code:
         kinds['authors_end_to_end'] = _authors(config, step)
     for loop, iterator in kinds.values():
@@ -82,12 +89,17 @@ def main(argv) -> None:
     for _ in range(FLAGS.bench_windows):  # alternate, so drift hits both alike
         for kind, (loop, iterator) in kinds.items():
             rates[kind].append(timed(loop, iterator, FLAGS.bench_steps))
-        print(f'window: model-only {rates["model_only"][-1]:.2f}, end-to-end '
-              f'{rates["end_to_end"][-1]:.2f} pairs/s', file=sys.stderr)
+        print('window: ' + ', '.join(f'{k} {v[-1]:.2f}' for k, v in rates.items()) + ' pairs/s',
+              file=sys.stderr)
     e2e, bound = (statistics.median(rates[k]) for k in ('end_to_end', 'model_only'))
     authors = ({'authors_pairs_per_s': round(statistics.median(rates['authors_end_to_end']), 2),
                 'over_authors': round(e2e / statistics.median(rates['authors_end_to_end']), 3)}
                if FLAGS.authors_code else {})
+    others = {p: {'pairs_per_s': round(statistics.median(rates[f'end_to_end_{p}']), 2),
+                  'over_this': round(statistics.median(rates[f'end_to_end_{p}']) / e2e, 3)}
+              for p in FLAGS.other_placements}
+    if others:
+        authors['other_placements'] = others
     keys = ('resnet_depth', 'width_multiplier', 'image_size', 'train_batch_size', 'optimizer',
             'jit_compile', 'mixed_precision', 'cpu_replicas', 'use_blur', 'augmentations',
             'cache_dataset', 'dataset', 'augment_placement')
@@ -104,6 +116,16 @@ def main(argv) -> None:
         'seed': config.seed, 'program': program,
         'command': 'python ' + ' '.join(map(shlex.quote, sys.argv)),
     }))
+
+
+def _placement(config, step, placement: str) -> tuple:
+    """(loop, iterator): the same model and optimizer, the views made as `placement` plans."""
+    from simclr_tf import data, train
+    other = config.replace(augment_placement=placement)
+    plan = data.view_plan(other, True)
+    print(f'{placement}: {plan.line()}', file=sys.stderr)
+    return (train.make_loop_fn(other, step.state, step.strategy, plan),
+            iter(data.build_distributed_dataset(step.strategy, other, True, plan=plan)))
 
 
 def _authors(config, step) -> tuple:
