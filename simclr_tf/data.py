@@ -159,10 +159,31 @@ def build_dataset(config: Config, is_training: bool,
     # Independent streams of seeds for: the epochs' shuffles, per-image ops, per-batch ops.
     epoch_key, image_key, batch_key = (tf.constant([seed, 3 * shard.pipeline + i], tf.int64)
                                        for i in range(3))
+    decode = _decoder(source, source.common_size(split))
+    train_split = is_training or (labelled_only and split == config.train_split)
+    examples, decode = _read(config, source, split, shard, train_split, is_training, start_step,
+                             epoch_key, decode)
+    one = _image_views(plan, config, source, decode, image_key)
+    if plan.batched:
+        if decode is not None:
+            examples = examples.map(one, num_parallel_calls=AUTOTUNE)
+        batches = examples.batch(shard.batch, drop_remainder=is_training)
+    else:  # two batches in the making at once, each image by image on all cores
+        batches = examples.batch(shard.batch, drop_remainder=is_training).map(
+            lambda index, item: _made_image_by_image(one, index, item), num_parallel_calls=2)
+    return batches.map(_batch_views(plan, config, batch_key, source.num_classes),
+                       num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
 
-    # Read: this pipeline's (item, label), every epoch in its own order.
+
+def _read(config: Config, source, split: str, shard: _Shard, train_split: bool, training: bool,
+          start_step: int, key: tf.Tensor, decode: Callable
+          ) -> tuple[tf.data.Dataset, Optional[Callable]]:
+    """(index, (item, label)) of this pipeline's examples (`train_split`: those training reads,
+    the label subset), in training endless epochs each in its own order from `start_step` on;
+    with cache_dataset the items decoded once, into the cache (as the original caches TFDS's
+    output), and no decode left to do (None)."""
     def read(order: Optional[tf.Tensor] = None) -> tuple[tf.data.Dataset, int]:
-        if is_training or (labelled_only and split == config.train_split):
+        if train_split:
             return _read_train(source, config, shard.pipelines, shard.pipeline, order)
         return source.read(split, shard.pipelines, shard.pipeline, order=order)
 
@@ -170,32 +191,17 @@ def build_dataset(config: Config, is_training: bool,
     if not n:
         raise DataError(f'split {split!r} of {source.description} has no examples for input '
                         f'pipeline {shard.pipeline} of {shard.pipelines}')
-    # Decode (once, into the cache, with cache_dataset, as the original caches TFDS's output).
-    decode = _decoder(source, source.common_size(split))
     if config.cache_dataset:
         items = items.map(lambda x, y: (decode(x), y), num_parallel_calls=AUTOTUNE).cache()
         decode = None
-    if is_training:
-        # One global step takes a per-replica batch for each replica this pipeline feeds.
-        start = start_step * shard.batch * max(shard.replicas // shard.pipelines, 1)
-        if decode is None or source.full_shuffle:  # in memory, or a list of files: permute all
-            ordered = _shuffled_epochs(lambda order: items, n, n, epoch_key, start)
-        else:  # the files in a fresh order, then the authors' buffer
-            buffer = (50 if config.image_size <= 32 else 10) * shard.batch
-            ordered = _shuffled_epochs(lambda order: read(order)[0], n, buffer, epoch_key, start)
-    else:
-        ordered = items.enumerate()
-    # Views and batches.
-    one = _image_views(plan, config, source, decode, image_key)
-    if plan.batched:
-        if decode is not None:
-            ordered = ordered.map(one, num_parallel_calls=AUTOTUNE)
-        batches = ordered.batch(shard.batch, drop_remainder=is_training)
-    else:  # two batches in the making at once, each image by image on all cores
-        batches = ordered.batch(shard.batch, drop_remainder=is_training).map(
-            lambda index, item: _made_image_by_image(one, index, item), num_parallel_calls=2)
-    return batches.map(_batch_views(plan, config, batch_key, source.num_classes),
-                       num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+    if not training:
+        return items.enumerate(), decode
+    # One global step takes a per-replica batch for each replica this pipeline feeds.
+    start = start_step * shard.batch * max(shard.replicas // shard.pipelines, 1)
+    if decode is None or source.full_shuffle:  # in memory, or a list of files: permute it all
+        return _shuffled_epochs(lambda order: items, n, n, key, start), decode
+    buffer = (50 if config.image_size <= 32 else 10) * shard.batch  # the authors' buffer
+    return _shuffled_epochs(lambda order: read(order)[0], n, buffer, key, start), decode
 
 
 def _decoder(source, size: Optional[tuple[int, int]]) -> Callable[..., tf.Tensor]:

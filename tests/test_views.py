@@ -116,8 +116,9 @@ def test_every_placement_draws_the_same_colour_distribution(flat_folder):
 @pytest.mark.parametrize('placement', ['host', 'step'])
 def test_a_resumed_stream_continues_it_under_each_placement(flat_folder, sample_dir, placement):
     config = CONFIG.replace(augment_placement=placement, train_batch_size=8)
-    for folder, start in ((sample_dir, 125), (flat_folder, 7)):  # across the first epoch's end
-        cfg = config.replace(dataset=folder)
+    # Across the first epoch's end: 200 of the sample's images, 64 of the flat folder's.
+    for folder, split, start in ((sample_dir, 'train[:20%]', 24), (flat_folder, 'train', 7)):
+        cfg = config.replace(dataset=folder, train_split=split)
         plan = data.view_plan(cfg, True, accelerator=False)
         stream = [x.numpy() for x, _ in data.build_dataset(cfg, True, plan=plan).take(start + 2)]
         resumed = [x.numpy() for x, _ in data.build_dataset(cfg, True, start_step=start,
