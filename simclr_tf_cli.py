@@ -54,10 +54,18 @@ def config_from_flags() -> Config:
     return Config(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(Config)}).validate()
 
 
-def _fail(message: str, status: int = 2) -> None:
+def _fail(message: str, status: int = 2, at_once: bool = False) -> None:
+    """Prints `error: <message>` (one line) and exits with `status`; `at_once` skips the
+    interpreter's shutdown, whose wait for TensorFlow's threads (an input pipeline finishing its
+    batch, a barrier with a lost worker) can take a minute: what a fault keeps is on disk."""
     message = ' '.join(message.split())  # one line, whatever the error's text held
     logging.error('%s', message)
     print(f'error: {message}', file=sys.stderr)
+    if at_once:
+        logging.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     sys.exit(status)
 
 
@@ -110,7 +118,7 @@ def main(argv) -> None:
         if explained is not None:
             # The original error and its traceback, for --verbosity=1.
             logging.debug('%s: %s', type(e).__name__, e, exc_info=True)
-            _fail(explained.message, explained.status)
+            _fail(explained.message, explained.status, at_once=True)
         raise
 
 

@@ -29,9 +29,16 @@ _REASONS = {errno.ENOSPC: 'No space left on device', errno.EDQUOT: 'Disk quota e
 # "<path>; <strerror>", as TensorFlow's file systems report a failed call.
 _PATH = re.compile(r'(?:^|[\s:\'"])((?:/|[a-z][a-z0-9+.-]*://)[^;\n\'"]*?)(?:\'|"|); ?('
                    + '|'.join(map(re.escape, _REASONS.values())) + ')')
-_TASK = re.compile(r'/job:(\w+)/replica:\d+/task:(\d+)')
+_TASK = re.compile(r'/job:(\w+)(?:/replica:\d+)?/task:(\d+)')
+# What a surviving worker's error says about the lost one -> the words for the user.
+_PEER_SIGNS = (('stopped sending heartbeats', 'it stopped sending heartbeats (its process ended '
+                'or hangs)'),
+               ('Connection reset by peer', 'its connection was reset (its process ended)'),
+               ('Socket closed', 'its connection closed (its process ended)'),
+               ('Connection refused', 'it refuses connections (its process ended)'),
+               ('failed to connect', 'it cannot be reached'))
 _OOM = re.compile(r'OOM when allocating tensor with shape\s*(\[[\d,\s]*\])|Out of memory while '
-                  r'trying to allocate ([\d.]+\s*\w+)')
+                  r'trying to allocate ([\d.]+\s*\w+)|(Failed to allocate memory for the batch)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +146,8 @@ def _out_of_memory(text: str, config: Config) -> str:
         detail = f' (a tensor of shape {"".join(match.group(1).split())})'
     elif match and match.group(2):
         detail = f' (allocating {match.group(2)})'
+    elif match and match.group(3):
+        detail = ' (for a batch of the input pipeline)'
     if config.mode == 'eval':
         remedies = [f'lower --eval_batch_size (now {config.eval_batch_size})']
     else:
@@ -171,10 +180,9 @@ def _lost_peer(error: BaseException, text: str, config: Config) -> Optional[str]
         who = f'{job} {i} ({cluster[job][i]})' if i < len(cluster[job]) else f'{job} {i}'
     else:
         who = 'another worker'
-    reason = next((r for r in ('Connection reset by peer', 'Socket closed', 'Connection refused',
-                               'failed to connect', 'Deadline Exceeded', 'heartbeat')
-                   if r.lower() in text.lower()), type(error).__name__)
-    return (f'lost {who}: it stopped answering ({reason}). A multi-worker run cannot go on '
+    reason = next((words for sign, words in _PEER_SIGNS if sign.lower() in text.lower()),
+                  f'it stopped answering ({type(error).__name__})')
+    return (f'lost {who}: {reason}. A multi-worker run cannot go on '
             f'without it: start all {size} workers again with the same command; they '
             f'{_resume_phrase(config)}')
 
