@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import os
 import re
 import shutil
 import struct
+import time
 from typing import Optional
 
 from simclr_tf.config import Config
@@ -57,7 +59,16 @@ class Unreadable(Exception):
 
 
 def explain(error: BaseException, config: Config) -> Optional[Explained]:
-    """The line and status for `error`, or None when it is none of the faults known here."""
+    """The line and status for `error`, or None when it is none of the faults known here (or
+    looking at model_dir to say more fails: the original error is then shown as it is)."""
+    try:
+        return _explain(error, config)
+    except Exception:  # noqa: BLE001 - never hide the fault behind an error of explaining it
+        logging.debug('could not explain %s', type(error).__name__, exc_info=True)
+        return None
+
+
+def _explain(error: BaseException, config: Config) -> Optional[Explained]:
     import tensorflow as tf
     text = str(error)
     path, reason = _path_and_reason(error, text)
@@ -245,17 +256,18 @@ def _what_was_written(path: str, config: Config) -> str:
 
 def _checkpoint_bytes(model_dir: str) -> int:
     """The size of model_dir's newest checkpoint (0 if none)."""
+    import tensorflow as tf
     from simclr_tf import checkpoint
     found = checkpoint.list_checkpoints(model_dir)
     if not found:
         return 0
-    prefix = found[-1][1]
-    directory = os.path.dirname(prefix)
-    return sum(os.path.getsize(os.path.join(directory, n)) for n in os.listdir(directory)
-               if n.startswith(os.path.basename(prefix) + '.'))
+    return sum(tf.io.gfile.stat(p).length for p in tf.io.gfile.glob(found[-1][1] + '.*'))
 
 
 def _free_bytes(path: str) -> Optional[int]:
+    """Free bytes on the local file system holding `path` (None for remote ones)."""
+    if '://' in path:
+        return None
     while path and not os.path.exists(path):
         path = os.path.dirname(path)
     try:
@@ -269,7 +281,6 @@ def _mb(n: int) -> str:
 
 
 def _recently_written(path: str) -> bool:
-    import time
     try:
         return time.time() - os.path.getmtime(path + '.index') < 60
     except OSError:
@@ -309,21 +320,26 @@ def _rerun(config: Config, capital: bool = False) -> str:
     return what[0].upper() + what[1:] if capital else what
 
 
-def damaged_shard(builder, splits: list[str]) -> Optional[str]:
-    """The first of the splits' TFRecord files whose record framing runs past its end (a
-    truncated copy or write), else None. Reads 12 bytes a record."""
+def damaged_shard(builder, splits: list[str], seconds: float = 10) -> Optional[str]:
+    """The first of the splits' local TFRecord files whose record framing runs past its end (a
+    truncated copy or write), else None; reads 8 bytes a record, gives up after `seconds`."""
+    deadline = time.time() + seconds
     for split in splits:
         try:
             files = [i.filename for i in builder.info.splits[split.split('[')[0]].file_instructions]
         except (KeyError, ValueError, AttributeError):
             continue
         for path in files:
+            if time.time() > deadline:
+                return None
             if _truncated(path):
                 return path
     return None
 
 
 def _truncated(path: str) -> bool:
+    """Whether a TFRecord file's records (length: 8 bytes, its CRC: 4, data, the data's CRC: 4)
+    run past its end."""
     try:
         size = os.path.getsize(path)
         with open(path, 'rb') as f:

@@ -13,7 +13,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -216,7 +215,7 @@ def test_a_checkpoint_being_written_by_another_run_is_named_with_what_to_do(
     (other / 'ckpt-2_temp').mkdir()
     config = _config(tmp_path / 'ft', sample_dir, train_mode='finetune',
                      checkpoint=str(other / 'ckpt-2'))
-    with pytest.raises(ConfigError, match=rf'checkpoint=.*ckpt-2.* is still being written '
+    with pytest.raises(ConfigError, match=r'checkpoint=.*ckpt-2.* is still being written '
                                           r'\(.*ckpt-2_temp exists.*wait for that save'):
         program.check_start(config)  # before model_dir is touched
     assert not (tmp_path / 'ft').exists()
