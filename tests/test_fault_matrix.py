@@ -305,11 +305,23 @@ def test_a_truncated_tfds_shard_is_named(tmp_path, sample_dir):
     (tf.errors.ResourceExhaustedError(None, None, 'OOM when allocating tensor with shape[16,16,'
      '16,64] and type float on /job:localhost/replica:0/task:0/device:CPU:0'),
      r'out of memory \(a tensor of shape \[16,16,16,64\]\)\. Lower --train_batch_size .*'),
+    # Permissions that deny (tests run as root, whom they do not stop): as TensorFlow says it.
+    (tf.errors.PermissionDeniedError(None, None, '{{function_node __wrapped__ReadFile}} '
+     '{sample}/train/cat/0001.jpg; Permission denied [Op:ReadFile]'),
+     r'cannot read or write {sample}/train/cat/0001\.jpg: permission denied '
+     r'\(--dataset={sample}\)\. Fix its permissions, then rerun the same command: it starts '
+     r'from scratch'),
+    (tf.errors.PermissionDeniedError(None, None, '{tmp}/ckpt-4_temp; Permission denied'),
+     r'cannot write checkpoint ckpt-4 in model_dir={tmp}: permission denied \({tmp}/ckpt-4_temp\)'
+     r'\. Make model_dir writable .*'),
 ])
-def test_messages_of_errors_without_a_file(tmp_path, sample_dir, monkeypatch, error, expected):
+def test_messages_from_error_texts(tmp_path, sample_dir, monkeypatch, error, expected):
     monkeypatch.setenv('TF_CONFIG', json.dumps({
         'cluster': {'worker': ['127.0.0.1:2222', '127.0.0.1:2223']},
         'task': {'type': 'worker', 'index': 0}}))
+    if isinstance(error, tf.errors.OpError):  # the test's own paths in the text
+        error = type(error)(None, None, error.message.format(sample=sample_dir, tmp=tmp_path))
+        expected = expected.format(sample=re.escape(sample_dir), tmp=re.escape(str(tmp_path)))
     explained = faults.explain(error, _config(tmp_path, sample_dir))
     assert re.fullmatch(expected, explained.message), explained.message
     assert explained.status == (faults.RETRY if 'lost' in expected else faults.FIX_FIRST)
