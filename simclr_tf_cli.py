@@ -54,10 +54,19 @@ def config_from_flags() -> Config:
     return Config(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(Config)}).validate()
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, status: int = 2, at_once: bool = False) -> None:
+    """Prints `error: <message>` (one line) and exits with `status`; `at_once` skips the
+    interpreter's shutdown, whose wait for TensorFlow's threads (an input pipeline finishing its
+    batch, a barrier with a lost worker) can take a minute: what a fault keeps is on disk."""
+    message = ' '.join(message.split())  # one line, whatever the error's text held
     logging.error('%s', message)
     print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
+    if at_once:
+        logging.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def summary(result: dict) -> str:
@@ -77,24 +86,10 @@ def summary(result: dict) -> str:
     return '\n'.join(lines)
 
 
-def _fs_error(e: Exception) -> str | None:
-    """One line for a file-system error (the path and the problem), None for anything else."""
-    import tensorflow as tf
-    if isinstance(e, OSError):
-        where = f'{e.filename}: ' if getattr(e, 'filename', None) else ''
-        return f'{where}{e.strerror or e}'
-    fs_errors = (tf.errors.PermissionDeniedError, tf.errors.NotFoundError,
-                 tf.errors.AlreadyExistsError, tf.errors.FailedPreconditionError,
-                 tf.errors.DataLossError, tf.errors.ResourceExhaustedError)
-    if isinstance(e, fs_errors):
-        text = (e.message or str(e)).strip().splitlines()
-        return f'{text[0] if text else type(e).__name__} ({type(e).__name__})'
-    return None
-
-
 def main(argv) -> None:
     if len(argv) > 1:
         _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+    config = None
     try:
         config = config_from_flags()
         if not config.model_dir:
@@ -118,10 +113,12 @@ def main(argv) -> None:
             sys.exit(PREEMPTED_EXIT_CODE)
         if isinstance(e, DataError):
             _fail(str(e))
-        message = _fs_error(e)
-        if message is not None:
-            logging.debug('file-system error', exc_info=True)
-            _fail(message)
+        from simclr_tf import faults
+        explained = faults.explain(e, config) if config is not None else None
+        if explained is not None:
+            # The original error and its traceback, for --verbosity=1.
+            logging.debug('%s: %s', type(e).__name__, e, exc_info=True)
+            _fail(explained.message, explained.status, at_once=True)
         raise
 
 

@@ -11,7 +11,7 @@ from typing import Optional
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-from simclr_tf import authors
+from simclr_tf import authors, faults
 from simclr_tf.config import Config, ConfigError
 
 
@@ -23,6 +23,10 @@ def resolve_checkpoint(path: str) -> str:
         if latest is None:
             raise ConfigError(f'checkpoint={path!r} is a directory with no checkpoint in it')
         return latest
+    if not tf.io.gfile.exists(path + '.index') and tf.io.gfile.exists(path + '_temp'):
+        raise ConfigError(f'checkpoint={path!r} is still being written ({path}_temp exists, no '
+                          f'{os.path.basename(path)}.index yet): wait for that save to finish, or '
+                          'pass its directory to start from its newest complete checkpoint')
     if not tf.io.gfile.exists(path + '.index'):
         raise ConfigError(f'checkpoint={path!r} is neither a checkpoint prefix nor a directory')
     return path
@@ -130,7 +134,11 @@ class Checkpointer:
                                                   self.config.variable_schema)
             else:
                 source = resolve_checkpoint(self.config.checkpoint)
-                restored, notes = restore_matching(model, source, self.config.variable_schema), []
+                try:
+                    restored = restore_matching(model, source, self.config.variable_schema)
+                except (tf.errors.OpError, IndexError, OSError) as e:  # half-written, damaged
+                    raise faults.Unreadable('checkpoint', source, e) from e
+                notes = []
             message = f'initialised {len(restored)} variables from {source}'
             message += ''.join(f'; {note}' for note in notes)
             new = new_parts(model, restored)

@@ -423,7 +423,11 @@ def or_replace(source, x: tf.Tensor, decode: Callable, stand_in: Callable) -> An
     is_path = isinstance(source, _FolderSource)
 
     def replace(x):
-        reported = tf.py_function(lambda v: _report_undecodable(v, is_path), [x], tf.bool)
+        # A file that cannot be read (gone with its folder, no permission) is no bad image: read
+        # it again, unguarded, so its NotFound / PermissionDenied error stops the run. (Its bytes
+        # go into the call: a read wanted only as a control dependency is pruned by tf.data.)
+        inputs = [x, tf.strings.length(tf.io.read_file(x))] if is_path else [x]
+        reported = tf.py_function(lambda v, *_: _report_undecodable(v, is_path), inputs, tf.bool)
         with tf.control_dependencies([reported]):
             return tf.nest.map_structure(tf.identity, stand_in())
 
