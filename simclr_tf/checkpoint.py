@@ -88,6 +88,9 @@ class Checkpointer:
         self.chief = chief
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer_state(optimizer),
                                               **loss_scale_state(optimizer))
+        # What a resume must find (float16's loss scale may be missing: another precision's run).
+        self._required = tf.train.Checkpoint(model=model, optimizer=optimizer_state(optimizer))
+        self._loss_scale = loss_scale_state(optimizer)
         self._legacy = tf.train.Checkpoint(model=model, optimizer=optimizer)  # reads older ones
         self._scratch = None
         self._directory = config.model_dir
@@ -163,9 +166,9 @@ class Checkpointer:
         """What reads `prefix`: checkpoints written before model variables were keyed by name
         need the optimizer's own object graph."""
         try:
-            return self._legacy if is_legacy(prefix) else self.checkpoint
+            return self._legacy if is_legacy(prefix) else self._required
         except (tf.errors.OpError, IndexError, OSError):  # unreadable: restore_problem says why
-            return self.checkpoint
+            return self._required
 
     def _restore_newest_readable(self, found: list[tuple[int, str]]
                                  ) -> tuple[Optional[str], list[str]]:
@@ -174,6 +177,8 @@ class Checkpointer:
         for _, prefix in reversed(found):
             problem = restore_problem(self._checkpoint_for(prefix), prefix)
             if problem is None:
+                if self._loss_scale:  # float16: its scale if saved, else it starts afresh
+                    tf.train.Checkpoint(**self._loss_scale).restore(prefix).expect_partial()
                 if set_aside:
                     logging.warning('resuming from %s, the newest readable checkpoint', prefix)
                 return prefix, set_aside

@@ -229,11 +229,13 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         return [self.dynamic_scale, self.step_counter, self.skipped_steps]
 
     def check_finite(self, grads):
-        finite = tf.cast(super().check_finite(grads), tf.float32)
+        finite = super().check_finite(grads)
         context = tf.distribute.get_replica_context()
         if context is not None and context.num_replicas_in_sync > 1:
-            finite = context.all_reduce(tf.distribute.ReduceOp.MIN, finite)
-        return finite > 0
+            overflowed = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                            1.0 - tf.cast(finite, tf.float32))
+            finite = tf.equal(overflowed, 0.0)
+        return finite
 
     def _stateful_handle_non_finite_grads(self):
         super()._stateful_handle_non_finite_grads()
@@ -262,7 +264,8 @@ def _biases(layer) -> list:
     return found
 
 
-def _batch_norm_variables(model) -> list:
+def batch_norm_variables(model) -> list:
+    """Every variable of the model's BN layers (γ, β and the moving statistics)."""
     return [v for layer in _layers(model)
             if isinstance(layer, keras.layers.BatchNormalization) for v in layer.variables]
 
@@ -287,7 +290,7 @@ def lars_exclusions(model) -> list:
     The original excluded by the name substrings 'batch_normalization', 'bias' and
     'head_supervised'; here they are chosen by what they are. The model must be built.
     """
-    excluded = _batch_norm_variables(model) + _biases(model)
+    excluded = batch_norm_variables(model) + _biases(model)
     head = _supervised_head(model)
     if head is not None:
         excluded += list(head.variables)
@@ -332,7 +335,7 @@ def weight_decay_loss(model, config: Config) -> tf.Tensor:
         skip = {id(v) for v in _biases(head)}
         variables = head.trainable_variables
     else:
-        skip = {id(v) for v in _batch_norm_variables(model)}
+        skip = {id(v) for v in batch_norm_variables(model)}
         variables = model.trainable_variables
     l2 = [tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in variables if id(v) not in skip]
     if not l2:

@@ -110,6 +110,10 @@ def make_step_fn(config: Config, state: TrainState, strategy: tf.distribute.Stra
     model, optimizer = state.model, state.optimizer
     pretrain = config.train_mode == 'pretrain'
     replicas = strategy.num_replicas_in_sync
+    # float16: a step skipped for an overflow in the forward pass must not leave inf/NaN in the
+    # BN moving statistics it updated on the way (they are small: 2 numbers a channel).
+    statistics = ([v for v in optim.batch_norm_variables(model) if not v.trainable]
+                  if state.loss_scaled else [])
 
     def step_fn(images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
         if pretrain:
@@ -119,6 +123,9 @@ def make_step_fn(config: Config, state: TrainState, strategy: tf.distribute.Stra
                 seed = tf.stack([tf.constant(config.seed, tf.int64),
                                  optimizer.iterations * replicas + tf.cast(replica, tf.int64)])
             images = two_views_to_batch(images, plan, config, seed=seed)
+        if statistics:
+            kept = [tf.identity(v) for v in statistics]
+            skipped = tf.identity(optimizer.skipped_steps)
         with tf.GradientTape() as tape:
             outputs = model(images, training=True)
             metrics, loss = [], tf.constant(0.0)
@@ -145,6 +152,10 @@ def make_step_fn(config: Config, state: TrainState, strategy: tf.distribute.Stra
         variables = model.trainable_variables
         grads = tape.gradient(scaled, variables)
         optimizer.apply_gradients(zip(grads, variables))
+        if statistics:
+            was_skipped = tf.not_equal(optimizer.skipped_steps, skipped)
+            for v, value in zip(statistics, kept):
+                v.assign(tf.where(was_skipped, value, v))
         return tf.stack([tf.cast(m, tf.float32) for m in metrics])
 
     return step_fn
