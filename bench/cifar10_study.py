@@ -20,6 +20,7 @@ Stages:
   color        colour-distortion strength 0 / 0.25 / 0.5 / 1.0 (Table 1; 0 = no colour op)
   augment      crop+flip+colour / crop+flip / colour only (Figure 5)
   seed         the recipe again with another seed: how far one seed's arms move by chance
+  precision    the recipe (float32) and the same under --mixed_precision=bfloat16
 Every ablation arm pretrains for --arm_steps with the study's flags and seed, then is probed with
 kNN and linear fitted on --arm_probe_split and tested on the whole test split.
 
@@ -56,6 +57,9 @@ ABLATIONS = {
     'augment': [('augment_' + a.replace(',', '_'), [f'--augmentations={a}'], (H,))
                 for a in ('crop,flip,color', 'crop,flip', 'color')],
     'seed': [('seed_1', ['--seed=1'], (H, Z))],
+    # float32 (the recipe) against bfloat16, same seed and steps: within the seed spread?
+    'precision': [(f'precision_{p}', [f'--mixed_precision={p}'], (H,))
+                  for p in ('none', 'bfloat16')],
 }
 
 

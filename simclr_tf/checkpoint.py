@@ -51,10 +51,25 @@ def optimizer_state(optimizer: tf.Module) -> tf.Module:
     `model/...` keys only to BN statistics. Without that list, every model variable is keyed by
     its place in the model: `model/encoder/stem/conv_0/_kernel`, `model/projection_head/...`,
     `model/supervised_head/...`.
+
+    Under float16 these are the loss-scaled optimizer's inner optimizer's, so checkpoints of every
+    precision share one layout (a run resumes across precisions); the loss scale is apart
+    (`loss_scale_state`).
     """
     state = tf.__internal__.tracking.AutoTrackable()
-    state.variables = list(optimizer.variables)
+    state.variables = list(getattr(optimizer, 'inner_optimizer', optimizer).variables)
     return state
+
+
+def loss_scale_state(optimizer: tf.Module) -> dict:
+    """float16's loss scale, its growth counter and the skipped steps, as
+    `loss_scale/variables/<i>` ({} without loss scaling). A run resumed from a checkpoint without
+    them (another precision) starts them afresh."""
+    if not hasattr(optimizer, 'loss_scale_variables'):
+        return {}
+    state = tf.__internal__.tracking.AutoTrackable()
+    state.variables = list(optimizer.loss_scale_variables)
+    return {'loss_scale': state}
 
 
 def is_legacy(path: str) -> bool:
@@ -75,7 +90,11 @@ class Checkpointer:
                  task_id: int = 0):
         self.config = config
         self.chief = chief
-        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer_state(optimizer))
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer_state(optimizer),
+                                              **loss_scale_state(optimizer))
+        # What a resume must find (float16's loss scale may be missing: another precision's run).
+        self._required = tf.train.Checkpoint(model=model, optimizer=optimizer_state(optimizer))
+        self._loss_scale = loss_scale_state(optimizer)
         self._legacy = tf.train.Checkpoint(model=model, optimizer=optimizer)  # reads older ones
         self._scratch = None
         self._directory = config.model_dir
@@ -155,9 +174,9 @@ class Checkpointer:
         """What reads `prefix`: checkpoints written before model variables were keyed by name
         need the optimizer's own object graph."""
         try:
-            return self._legacy if is_legacy(prefix) else self.checkpoint
+            return self._legacy if is_legacy(prefix) else self._required
         except (tf.errors.OpError, IndexError, OSError):  # unreadable: restore_problem says why
-            return self.checkpoint
+            return self._required
 
     def _restore_newest_readable(self, found: list[tuple[int, str]]
                                  ) -> tuple[Optional[str], list[str]]:
@@ -166,6 +185,8 @@ class Checkpointer:
         for _, prefix in reversed(found):
             problem = restore_problem(self._checkpoint_for(prefix), prefix)
             if problem is None:
+                if self._loss_scale:  # float16: its scale if saved, else it starts afresh
+                    tf.train.Checkpoint(**self._loss_scale).restore(prefix).expect_partial()
                 if set_aside:
                     logging.warning('resuming from %s, the newest readable checkpoint', prefix)
                 return prefix, set_aside

@@ -237,9 +237,13 @@ class Config:
         bound='>= 0', resumable=True)
     jit_compile: bool = _flag(
         False, 'New. Compile the training step with XLA (one replica, or TPU).', resumable=True)
+    # Resumable: variables, optimizer state and checkpoints are float32 under every policy, so a
+    # run may resume (or fine-tune) under another precision, as under another device.
     mixed_precision: str = _flag(
-        'none', 'New. Mixed precision policy: none, bfloat16 or float16.',
-        choices=('none', 'bfloat16', 'float16'), resumable=False)
+        'none', 'New. Mixed precision: none (float32), bfloat16 (TPUs, GPUs from Ampere on, CPUs '
+        'with bf16 units) or float16 (older GPUs; dynamic loss scaling). The encoder computes in '
+        'it; variables, BN statistics, the heads, the losses and LARS stay float32.',
+        choices=('none', 'bfloat16', 'float16'), resumable=True)
     steps_per_loop: int = _flag(
         0, 'New. Steps per tf.function call (0: min(checkpoint steps, train_summary_steps if > '
         '0)).', bound='>= 0', resumable=True)

@@ -40,11 +40,12 @@ class SimCLRModel(keras.Model):
         super().__init__(name=name, **kwargs)
         self.config, self.num_classes = config, num_classes
         self.encoder = resnet_from_config(config)
-        self.projection_head = ProjectionHead(config)
+        # The heads in float32 under every policy (see heads.py); the encoder follows the policy.
+        self.projection_head = ProjectionHead(config, dtype='float32')
         # N(0, 0.01) initialisation; zero_init_logits_layer zeroes it only when a run starts from
         # --checkpoint (checkpoint.Checkpointer), as the authors' code.
-        self.supervised_head = (SupervisedHead(num_classes) if has_supervised_head(config)
-                                else None)
+        self.supervised_head = (SupervisedHead(num_classes, dtype='float32')
+                                if has_supervised_head(config) else None)
         for part in self._parts():
             # Root the part's variable paths at its own name. Keras 3 would otherwise prefix them
             # with the model's name, and nothing public sets a layer's path.

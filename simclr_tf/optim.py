@@ -1,6 +1,10 @@
 """Optimisation as in the paper's default setup: LARS, linear warmup then cosine decay, the
 learning rate scaled with the batch size, and the authors' weight-decay policy.
 
+Under `mixed_precision=float16` the optimizer is wrapped in `LossScaleOptimizer` (dynamic loss
+scaling): LARS then sees unscaled float32 gradients, so its weight decay and trust ratios are
+those of a float32 run.
+
 Weight decay follows the authors' code: with LARS, decay (and the trust ratio) is applied inside
 the optimizer to every variable except BN variables, biases and the supervised head; the
 supervised head instead gets an L2 term in the loss (`weight_decay_loss`). With momentum or Adam,
@@ -18,6 +22,8 @@ import tensorflow as tf
 from simclr_tf.config import Config
 
 EETA_DEFAULT = 0.001
+# float16: below this loss scale even unscaled gradients overflow, and the run has diverged.
+MIN_LOSS_SCALE = 1.0
 
 
 # --- learning rate and step counts ----------------------------------------------------------
@@ -192,6 +198,56 @@ class LARS(keras.optimizers.Optimizer):
         return config
 
 
+# --- float16 loss scaling -------------------------------------------------------------------
+
+class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+    """Keras' dynamic loss scaling (halve the scale and skip the step on a non-finite gradient,
+    double it after `dynamic_growth_steps` finite ones; the inner optimizer gets the gradients
+    divided by the scale), made fit for a distributed custom loop:
+
+    - every replica takes the same decision: finiteness is all-reduced over the replicas (Keras
+      alone looks at replica 0's own gradients, before they are summed, so an overflow on
+      another replica would reach the weights);
+    - a skipped step still counts as a step (`iterations` advances), so the learning-rate
+      schedule, the data position, the per-step augmentation seeds and the checkpoint numbers stay
+      those of a float32 run, and resuming stays exact;
+    - skipped steps are counted in `skipped_steps` (summarised as `train/skipped_steps`).
+    """
+
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        self.skipped_steps = self.add_variable(
+            shape=(), dtype='int', initializer=keras.initializers.Zeros(), aggregation='none',
+            name='skipped_steps')
+
+    @property
+    def loss_scale_variables(self) -> list:
+        """The scale's own state, apart from the inner optimizer's (checkpointed apart, so a
+        run resumes across precisions)."""
+        return [self.dynamic_scale, self.step_counter, self.skipped_steps]
+
+    def check_finite(self, grads):
+        finite = super().check_finite(grads)
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            overflowed = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                            1.0 - tf.cast(finite, tf.float32))
+            finite = tf.equal(overflowed, 0.0)
+        return finite
+
+    def _stateful_handle_non_finite_grads(self):
+        super()._stateful_handle_non_finite_grads()
+        self.skipped_steps.assign_add(1)
+        self.inner_optimizer.iterations.assign_add(1)
+
+
+def inner_optimizer(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+    """The optimizer that updates the weights (itself, unless loss-scaled)."""
+    return getattr(optimizer, 'inner_optimizer', optimizer)
+
+
 # --- choosing variables by what they are ----------------------------------------------------
 
 def _layers(layer) -> list:
@@ -208,7 +264,8 @@ def _biases(layer) -> list:
     return found
 
 
-def _batch_norm_variables(model) -> list:
+def batch_norm_variables(model) -> list:
+    """Every variable of the model's BN layers (γ, β and the moving statistics)."""
     return [v for layer in _layers(model)
             if isinstance(layer, keras.layers.BatchNormalization) for v in layer.variables]
 
@@ -233,7 +290,7 @@ def lars_exclusions(model) -> list:
     The original excluded by the name substrings 'batch_normalization', 'bias' and
     'head_supervised'; here they are chosen by what they are. The model must be built.
     """
-    excluded = _batch_norm_variables(model) + _biases(model)
+    excluded = batch_norm_variables(model) + _biases(model)
     head = _supervised_head(model)
     if head is not None:
         excluded += list(head.variables)
@@ -246,15 +303,22 @@ def build_optimizer(config: Config, learning_rate, model) -> keras.optimizers.Op
     Create it under the strategy's scope, and build it there (`opt.build(variables)`) before the
     first distributed step: Keras 3 optimizers cannot create their slots inside strategy.run
     within a tf.function. The model must be built (LARS's exclusions are its variables).
+    Under mixed_precision=float16 it is wrapped in `LossScaleOptimizer`.
     """
     if config.optimizer == 'lars':
-        return LARS(learning_rate, momentum=config.momentum, weight_decay=config.weight_decay,
-                    exclude_from_weight_decay=lars_exclusions(model))
-    if config.optimizer == 'momentum':
-        return keras.optimizers.SGD(learning_rate, momentum=float(config.momentum), nesterov=True)
-    if config.optimizer == 'adam':
-        return keras.optimizers.Adam(learning_rate)
-    raise ValueError(f'unknown optimizer {config.optimizer!r}')
+        optimizer = LARS(learning_rate, momentum=config.momentum,
+                         weight_decay=config.weight_decay,
+                         exclude_from_weight_decay=lars_exclusions(model))
+    elif config.optimizer == 'momentum':
+        optimizer = keras.optimizers.SGD(learning_rate, momentum=float(config.momentum),
+                                         nesterov=True)
+    elif config.optimizer == 'adam':
+        optimizer = keras.optimizers.Adam(learning_rate)
+    else:
+        raise ValueError(f'unknown optimizer {config.optimizer!r}')
+    if config.mixed_precision == 'float16':
+        optimizer = LossScaleOptimizer(optimizer)
+    return optimizer
 
 
 def weight_decay_loss(model, config: Config) -> tf.Tensor:
@@ -271,7 +335,7 @@ def weight_decay_loss(model, config: Config) -> tf.Tensor:
         skip = {id(v) for v in _biases(head)}
         variables = head.trainable_variables
     else:
-        skip = {id(v) for v in _batch_norm_variables(model)}
+        skip = {id(v) for v in batch_norm_variables(model)}
         variables = model.trainable_variables
     l2 = [tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in variables if id(v) not in skip]
     if not l2:

@@ -35,11 +35,12 @@ def check_start(config: Config) -> None:
 
 
 def set_up(config: Config) -> None:
-    """Process-wide settings: seed, mixed precision policy."""
+    """Process-wide settings: seed, mixed precision policy (float32 for 'none', also when an
+    earlier run of the process set another)."""
     if config.seed is not None:
         keras.utils.set_random_seed(config.seed)
-    if config.mixed_precision != 'none':
-        keras.mixed_precision.set_global_policy(f'mixed_{config.mixed_precision}')
+    keras.mixed_precision.set_global_policy(
+        'float32' if config.mixed_precision == 'none' else f'mixed_{config.mixed_precision}')
 
 
 def run(config: Config, flags: Optional[dict[str, Any]] = None) -> Optional[dict[str, float]]:

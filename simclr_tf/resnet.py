@@ -53,11 +53,15 @@ def channels(base: int, width_multiplier: float) -> int:
 
 
 def batch_norm(batch_norm_decay: float, global_bn: bool, zero_init: bool = False,
-               center: bool = True, name: Optional[str] = None) -> keras.layers.BatchNormalization:
-    """BN as the authors configure it; zero_init for the last BN of a residual branch."""
+               center: bool = True, name: Optional[str] = None,
+               dtype=None) -> keras.layers.BatchNormalization:
+    """BN as the authors configure it; zero_init for the last BN of a residual branch. Under
+    mixed precision Keras computes its moments (all-reduced too, with global_bn) and moving
+    averages in float32, and only its output is in the compute dtype."""
     return keras.layers.BatchNormalization(
         momentum=batch_norm_decay, epsilon=BATCH_NORM_EPSILON, center=center, scale=True,
-        gamma_initializer='zeros' if zero_init else 'ones', synchronized=global_bn, name=name)
+        gamma_initializer='zeros' if zero_init else 'ones', synchronized=global_bn, name=name,
+        dtype=dtype)
 
 
 def freeze(layer: keras.layers.Layer, frozen_bn: str = 'batch') -> None:

@@ -61,6 +61,10 @@ class TrainState:
     def step(self) -> int:
         return int(self.optimizer.iterations.numpy())
 
+    @property
+    def loss_scaled(self) -> bool:
+        return isinstance(self.optimizer, optim.LossScaleOptimizer)
+
 
 def metric_names(config: Config, has_supervised_head: bool) -> tuple[str, ...]:
     names = PRETRAIN_METRICS if config.train_mode == 'pretrain' else ()
@@ -74,9 +78,7 @@ def build_state(config: Config, strategy: tf.distribute.Strategy, info: data.Dat
     with strategy.scope():
         model = build_model(config, info.num_classes)
         schedule = optim.WarmUpAndCosineDecay(config.learning_rate, info.num_train_examples, config)
-        optimizer = optim.build_optimizer(config, schedule, model)
-        if config.mixed_precision == 'float16':
-            optimizer = tf.keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer = optim.build_optimizer(config, schedule, model)  # loss-scaled for float16
         # Keras 3 creates slots lazily; build them now so a checkpoint restores into them.
         optimizer.build(model.trainable_variables)
         checkpointer = Checkpointer(config, model, optimizer, chief=chief, task_id=task_id)
@@ -108,6 +110,10 @@ def make_step_fn(config: Config, state: TrainState, strategy: tf.distribute.Stra
     model, optimizer = state.model, state.optimizer
     pretrain = config.train_mode == 'pretrain'
     replicas = strategy.num_replicas_in_sync
+    # float16: a step skipped for an overflow in the forward pass must not leave inf/NaN in the
+    # BN moving statistics it updated on the way (they are small: 2 numbers a channel).
+    statistics = ([v for v in optim.batch_norm_variables(model) if not v.trainable]
+                  if state.loss_scaled else [])
 
     def step_fn(images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
         if pretrain:
@@ -117,6 +123,9 @@ def make_step_fn(config: Config, state: TrainState, strategy: tf.distribute.Stra
                 seed = tf.stack([tf.constant(config.seed, tf.int64),
                                  optimizer.iterations * replicas + tf.cast(replica, tf.int64)])
             images = two_views_to_batch(images, plan, config, seed=seed)
+        if statistics:
+            kept = [tf.identity(v) for v in statistics]
+            skipped = tf.identity(optimizer.skipped_steps)
         with tf.GradientTape() as tape:
             outputs = model(images, training=True)
             metrics, loss = [], tf.constant(0.0)
@@ -139,10 +148,14 @@ def make_step_fn(config: Config, state: TrainState, strategy: tf.distribute.Stra
             # Gradients are summed over replicas, so each replica's share is loss / replicas.
             scaled = loss / replicas
             if isinstance(optimizer, tf.keras.optimizers.LossScaleOptimizer):
-                scaled = optimizer.scale_loss(scaled)
+                scaled = optimizer.scale_loss(scaled)  # unscaled again before the update
         variables = model.trainable_variables
         grads = tape.gradient(scaled, variables)
         optimizer.apply_gradients(zip(grads, variables))
+        if statistics:
+            was_skipped = tf.not_equal(optimizer.skipped_steps, skipped)
+            for v, value in zip(statistics, kept):
+                v.assign(tf.where(was_skipped, value, v))
         return tf.stack([tf.cast(m, tf.float32) for m in metrics])
 
     return step_fn
@@ -165,12 +178,18 @@ def use_jit(config: Config, strategy: tf.distribute.Strategy) -> bool:
 def make_loop_fn(config: Config, state: TrainState, strategy: tf.distribute.Strategy,
                  plan: views.ViewPlan, stop: Optional[tf.Variable] = None) -> Callable:
     """`loop(iterator, n)`: up to n steps inside one tf.function; the metrics averaged over the
-    steps run. Before each step it reads `stop` (a bool variable a signal handler sets), so a
-    stop request ends the loop after the current step, not after n."""
+    steps run (under float16, over the steps not skipped for a non-finite gradient: those count
+    in `optimizer.skipped_steps` instead). Before each step it reads `stop` (a bool variable a
+    signal handler sets), so a stop request ends the loop after the current step, not after n."""
     step_fn = make_step_fn(config, state, strategy, plan)
     jit = use_jit(config, strategy)
     if stop is None:
         stop = tf.Variable(False, trainable=False)
+
+    def skipped_steps() -> tf.Tensor:
+        if not state.loss_scaled:
+            return tf.constant(0, tf.int64)
+        return tf.identity(state.optimizer.skipped_steps.value)
 
     # XLA compiles the step, not the loop: the iterator cannot live inside an XLA cluster.
     replica_step = tf.function(step_fn, jit_compile=True) if jit else step_fn
@@ -178,14 +197,18 @@ def make_loop_fn(config: Config, state: TrainState, strategy: tf.distribute.Stra
     @tf.function
     def loop(iterator, n: tf.Tensor) -> tf.Tensor:
         total = tf.zeros([len(metric_names(config, state.model.supervised_head is not None))])
-        done = tf.constant(0)
+        done = tf.constant(0.0)
         for _ in tf.range(n):
             if stop.read_value():
                 break
+            skipped = skipped_steps()
             per_replica = strategy.run(replica_step, args=next(iterator))
-            total += strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
-            done += 1
-        return total / tf.cast(tf.maximum(done, 1), tf.float32)
+            metrics = strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
+            # A skipped step's metrics may be non-finite; its weights did not change.
+            applied = tf.cast(tf.equal(skipped_steps(), skipped), tf.float32)
+            total += tf.where(applied > 0, metrics, tf.zeros_like(metrics))
+            done += applied
+        return total / tf.maximum(done, 1.0)
 
     return loop
 
@@ -260,6 +283,24 @@ def _check_finite(state: TrainState, step: int) -> None:
             'Lower the learning rate or check the input data.')
 
 
+def _check_loss_scale(state: TrainState, step: int, skipped_before: int) -> int:
+    """float16: the steps of the last loop skipped for a non-finite gradient (logged); raises
+    TrainingDiverged once the loss scale falls below optim.MIN_LOSS_SCALE, where gradients
+    overflow even unscaled and skipping would go on for ever."""
+    skipped = int(state.optimizer.skipped_steps.numpy()) - skipped_before
+    scale = float(state.optimizer.dynamic_scale.numpy())
+    if skipped:
+        logging.warning('step %d: %d step(s) skipped for a non-finite float16 gradient (%d in '
+                        'all); loss scale now %g', step, skipped, skipped_before + skipped, scale)
+    if scale < optim.MIN_LOSS_SCALE:
+        raise TrainingDiverged(
+            f'float16 gradients non-finite even at loss scale {scale:g} (step {step}, '
+            f'{skipped_before + skipped} steps skipped); stopped without saving, the last good '
+            f'checkpoint is {state.checkpointer.latest}. Lower the learning rate, check the input '
+            'data, or use --mixed_precision=bfloat16 (float32\'s range).')
+    return skipped
+
+
 def _write_image_summary(config: Config, plan: views.ViewPlan, writer, step: int) -> None:
     """The augmented views the network sees (after blur), first view above the second."""
     if config.train_mode != 'pretrain':
@@ -310,6 +351,7 @@ def _train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetI
         step = state.step
         to_checkpoint = state.checkpoint_steps - step % state.checkpoint_steps
         n = min(per_loop, to_checkpoint, state.total_steps - step)
+        skipped_before = int(state.optimizer.skipped_steps.numpy()) if state.loss_scaled else 0
         t0 = time.time()
         values = stop.call(lambda: loop(iterator, tf.constant(n)).numpy())
         elapsed = time.time() - t0
@@ -322,6 +364,7 @@ def _train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetI
             logging.warning('stopped by %s at step %d; %s', signal.Signals(stop.signal).name,
                             step, 'checkpoint saved' if step > start else 'nothing new to save')
             break
+        skipped = _check_loss_scale(state, step, skipped_before) if state.loss_scaled else 0
         if not np.all(np.isfinite(values)):
             bad = {k: float(v) for k, v in zip(names, values) if not math.isfinite(v)}
             raise TrainingDiverged(
@@ -332,9 +375,14 @@ def _train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetI
         lr = float(state.schedule(step - 1))
         if summaries:
             with writer.as_default():
-                for k, v in metrics.items():
-                    tf.summary.scalar(k, v, step=step)
+                if skipped < n:  # else no step of this loop gave metrics
+                    for k, v in metrics.items():
+                        tf.summary.scalar(k, v, step=step)
                 tf.summary.scalar('learning_rate', lr, step=step)
+                if state.loss_scaled:
+                    tf.summary.scalar('train/skipped_steps', skipped_before + skipped, step=step)
+                    tf.summary.scalar('train/loss_scale',
+                                      float(state.optimizer.dynamic_scale.numpy()), step=step)
         images = n * config.train_batch_size
         run_images += images
         rate = run_images / max(time.time() - run_start, 1e-9)

@@ -90,8 +90,10 @@ def test_study_arms_equal_to_the_recipe_are_one_run():
     names = {cifar10_study.arm_run(extra, cifar10_study.flagfile_values(
         os.path.join(REPO, 'flags', 'cifar10_study.cfg')))[1]
         for arms in cifar10_study.ABLATIONS.values() for _, extra, _ in arms}
-    assert len(names) == 17  # 24 arms (the seed stage too), 17 distinct runs under the recipe
+    # 26 arms (the seed and precision stages too), 18 distinct runs under the recipe
+    assert len(names) == 18
     assert 'arm_seed_1' in names  # another seed is a run of its own
+    assert 'arm_mixed_precision_bfloat16' in names  # float32 is the recipe's run
 
 
 def test_program_runs_reads_progress_lines_after_the_first():
