@@ -31,10 +31,10 @@ import tensorflow as tf
 from simclr_tf import augment
 from simclr_tf.config import Config, ConfigError
 
-# auto's placement of the colour distortion on a CPU-only run, by the source's geometry: the one
-# measured faster end to end there (docs/benchmarks.md, "Where the colour distortion runs").
-# With one size the host colours whole batches; with mixed sizes image by image, one compiled
-# program of conditionals each, where the step's batched program computes all four jitter ops.
+# auto's placement of the colour distortion on a CPU-only run, by the source's geometry, from
+# end-to-end measurements (docs/benchmarks.md, "Where the colour distortion runs"): there the
+# stream and the step share the cores, and both placements cost the same within the noise at
+# either geometry, so the authors' placement stays. A geometry where the step wins would say so.
 CPU_COLOR = {'one size': 'host', 'mixed sizes': 'host'}
 
 # How a view's random crop is cut, by where the images come from.

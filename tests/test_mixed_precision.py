@@ -16,7 +16,7 @@ from simclr_tf import checkpoint, losses, optim, train
 from simclr_tf.config import Config
 from simclr_tf.model import build_model
 from test_losses import np_nt_xent
-from test_train_step import CONFIG, GLOBAL_PAIRS, PLAN, _batch, _one_device, _two_replicas
+from test_train_step import CONFIG, GLOBAL_PAIRS, PLAN, _batch, _one_device
 
 POLICIES = {'none': 'float32', 'bfloat16': 'mixed_bfloat16', 'float16': 'mixed_float16'}
 
