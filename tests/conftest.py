@@ -29,6 +29,31 @@ def sample_dir() -> str:
 
 
 @pytest.fixture
+def small_folder(tmp_path, sample_dir):
+    """tmp_path/data: `per_class` training and 2 test images of the sample's airplanes and cats
+    (8 each: 16 training images, one global batch of the tests that need exactly one)."""
+    import shutil
+
+    def copy(per_class: int = 8):
+        root = tmp_path / 'data'
+        for split, n in (('train', per_class), ('test', 2)):
+            for cls in ('airplane', 'cat'):
+                os.makedirs(root / split / cls)
+                for name in sorted(os.listdir(os.path.join(sample_dir, split, cls)))[:n]:
+                    shutil.copy(os.path.join(sample_dir, split, cls, name), root / split / cls)
+        return root
+    return copy
+
+
+@pytest.fixture
+def release_locks():
+    """Releases, after the test, the model_dir locks its in-process runs took."""
+    yield
+    from simclr_tf import model_dir
+    model_dir.release_locks()
+
+
+@pytest.fixture
 def mixed_folder(tmp_path) -> str:
     """An image folder of 12 JPEGs of mixed sizes (the per-image path), made from the sample's
     cats: train/c0 and train/c1."""

@@ -43,10 +43,7 @@ def _config(model_dir, dataset, **changes):
     return Config(**values).validate()
 
 
-@pytest.fixture(autouse=True)
-def _release_locks():
-    yield
-    model_dir_lib.release_locks()
+pytestmark = pytest.mark.usefixtures('release_locks')  # in-process runs take locks
 
 
 def final_error(stderr: str) -> str:
@@ -373,20 +370,11 @@ def run_with(fault, at, target, *args, timeout=300):
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def _small_folder(root, sample_dir, per_class=8):
-    for split, n in (('train', per_class), ('test', 2)):
-        for cls in ('airplane', 'cat'):
-            os.makedirs(root / split / cls)
-            for name in sorted(os.listdir(os.path.join(sample_dir, split, cls)))[:n]:
-                shutil.copy(os.path.join(sample_dir, split, cls, name), root / split / cls / name)
-    return root
-
-
-def test_dataset_gone_then_disk_full(tmp_path, sample_dir):
+def test_dataset_gone_then_disk_full(tmp_path, small_folder):
     """One model_dir through two faults, as a user meets them: each run stops with its line and
     status 2, keeps every checkpoint, and the rerun resumes from the newest. (Resuming after a
     full disk is the in-process row above.)"""
-    folder = _small_folder(tmp_path / 'data', sample_dir)
+    folder = small_folder()
     disk = Disk(tmp_path / 'disk', 48) if CAN_MOUNT else None
     model_dir = disk.path if disk else str(tmp_path / 'run')
     args = [f'--dataset={folder}', f'--model_dir={model_dir}', *TINY]
@@ -480,11 +468,11 @@ def _free_ports(n):
     return ports
 
 
-def test_a_lost_worker_is_named_and_all_workers_resume(tmp_path, sample_dir):
+def test_a_lost_worker_is_named_and_all_workers_resume(tmp_path, small_folder):
     """Two workers on loopback; worker 1 is killed (-9) after a checkpoint: worker 0 stops (once
     TensorFlow's coordination service misses its heartbeats), naming worker 1, status 75; both
     started again resume from that checkpoint."""
-    folder = _small_folder(tmp_path / 'data', sample_dir)
+    folder = small_folder()
     model_dir = tmp_path / 'run'
     cluster = {'worker': [f'127.0.0.1:{p}' for p in _free_ports(2)]}
 

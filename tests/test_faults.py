@@ -35,10 +35,7 @@ def _config(model_dir, dataset, **changes):
     return Config(**values).validate()
 
 
-@pytest.fixture(autouse=True)
-def _release_locks():
-    yield
-    model_dir_lib.release_locks()
+pytestmark = pytest.mark.usefixtures('release_locks')  # in-process runs take locks
 
 
 def _state(config):

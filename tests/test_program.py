@@ -219,18 +219,7 @@ def _losses(log):
     return [float(x) for x in re.findall(r'step \d+/2 \| loss ([0-9.]+)', log)]
 
 
-def _one_batch_folder(root, sample_dir, per_class=8):
-    """A folder holding exactly one global batch: 2 classes x 8 training images (+ test)."""
-    import shutil
-    for split, n in (('train', per_class), ('test', 2)):
-        for cls in ('airplane', 'cat'):
-            os.makedirs(root / split / cls)
-            for name in sorted(os.listdir(os.path.join(sample_dir, split, cls)))[:n]:
-                shutil.copy(os.path.join(sample_dir, split, cls, name), root / split / cls / name)
-    return root
-
-
-def test_two_workers_match_one_process(tmp_path, sample_dir):
+def test_two_workers_match_one_process(tmp_path, small_folder):
     """Two worker processes on 127.0.0.1 (TF_CONFIG) report the one-process loss, step by step.
 
     The same global batch in both set-ups: the data set is exactly one global batch of 16 and
@@ -238,7 +227,7 @@ def test_two_workers_match_one_process(tmp_path, sample_dir):
     the single process's batch hold the same images; NT-Xent, global BN and the supervised loss
     do not depend on their order.
     """
-    folder = _one_batch_folder(tmp_path / 'data', sample_dir)
+    folder = small_folder()
     args = [f'--dataset={folder}', '--train_steps=2', '--train_batch_size=16', '--seed=3',
             '--steps_per_loop=1', '--augmentations=', '--knn_train_examples=0', *TINY]
     single = run_py(*args, f'--model_dir={tmp_path / "single"}')
