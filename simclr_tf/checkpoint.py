@@ -11,7 +11,7 @@ from typing import Optional
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-from simclr_tf import authors, faults
+from simclr_tf import authors, faults, optim
 from simclr_tf.config import Config, ConfigError
 
 
@@ -57,7 +57,7 @@ def optimizer_state(optimizer: tf.Module) -> tf.Module:
     (`loss_scale_state`).
     """
     state = tf.__internal__.tracking.AutoTrackable()
-    state.variables = list(getattr(optimizer, 'inner_optimizer', optimizer).variables)
+    state.variables = list(optim.inner_optimizer(optimizer).variables)
     return state
 
 

@@ -147,7 +147,7 @@ def make_step_fn(config: Config, state: TrainState, strategy: tf.distribute.Stra
             metrics += [decay, loss]
             # Gradients are summed over replicas, so each replica's share is loss / replicas.
             scaled = loss / replicas
-            if isinstance(optimizer, tf.keras.optimizers.LossScaleOptimizer):
+            if state.loss_scaled:
                 scaled = optimizer.scale_loss(scaled)  # unscaled again before the update
         variables = model.trainable_variables
         grads = tape.gradient(scaled, variables)
