@@ -70,6 +70,10 @@ def main() -> None:
     parser.add_argument('--stages', default='pretrain,curve,probe,pixels,' + ','.join(ABLATIONS))
     parser.add_argument('--main_flagfile', default='flags/cifar10_main.cfg',
                         help='the main run (pretrain, curve, probe stages)')
+    parser.add_argument('--main_epochs', type=float, default=None,
+                        help='pretrain the main run for this many epochs instead of its '
+                        "flagfile's (warmup 10 %% of them), into <work>/simclr_<n>ep: a shorter "
+                        'budget for the stages built on it')
     parser.add_argument('--flagfile', default='flags/cifar10_study.cfg',
                         help='the recipe every ablation arm starts from (arms add their flags)')
     parser.add_argument('--arm_steps', type=int, default=390,
@@ -89,22 +93,27 @@ def main() -> None:
     main_run = [python, 'run.py', f'--flagfile={args.main_flagfile}', f'--dataset={data}']
     run = [python, 'run.py', f'--flagfile={args.flagfile}', f'--dataset={data}']
     probe = [python, '-m', 'simclr_tf.probe', f'--dataset={data}']
-    simclr_dir = os.path.join(args.work, 'simclr')
+    simclr_dir, main = os.path.join(args.work, 'simclr'), 'pretrain'
+    if args.main_epochs:
+        simclr_dir += f'_{args.main_epochs:g}ep'
+        main += f'_{args.main_epochs:g}ep'
+        main_run += [f'--train_epochs={args.main_epochs:g}',
+                     f'--warmup_epochs={args.main_epochs / 10:g}']
     stages = args.stages.split(',')
     if 'pretrain' in stages:
-        study.step('pretrain', main_run + [f'--model_dir={simclr_dir}'],
+        study.step(main, main_run + [f'--model_dir={simclr_dir}'],
                    os.path.join(simclr_dir, 'result.json'))
     if 'curve' in stages:
         study.step('curve', main_run + [f'--model_dir={simclr_dir}', '--mode=eval'],
                    collect=lambda: sorted(
                        (json.load(open(os.path.join(simclr_dir, f))) for f in os.listdir(simclr_dir)
                         if f.startswith('result_')), key=lambda r: r['global_step']),
-                   after=('pretrain',))
+                   after=(main,))
     if 'probe' in stages:
         for name, extra in (('probe_simclr', [f'--model={simclr_dir}']),
                             ('probe_random_init', [f'--model={simclr_dir}', '--random_init'])):
             out = os.path.join(args.work, f'{name}.json')
-            study.step(name, probe + extra + [f'--out={out}'], out, after=('pretrain',))
+            study.step(name, probe + extra + [f'--out={out}'], out, after=(main,))
     if 'pixels' in stages:
         out = os.path.join(args.work, 'probe_pixels.json')
         study.step('probe_pixels', probe + ['--pixels', '--image_size=32', f'--out={out}'], out)
