@@ -19,6 +19,9 @@ CONTRASTIVE_LOSSES = ('nt_xent', 'nt_logistic', 'margin_triplet')
 # BN of frozen layers in a training step: 'batch' (the authors') normalises with batch statistics
 # and updates the moving averages; 'inference' uses the pretrained moving statistics, untouched.
 FROZEN_BN_MODES = ('batch', 'inference')
+# pretrain and finetune are the authors'; supervised (a classifier trained from scratch on the
+# labels: the paper's baselines) and distill (SimCLRv2's third step) are new.
+TRAIN_MODES = ('pretrain', 'finetune', 'supervised', 'distill')
 AUGMENT_PLACEMENTS = ('auto', 'host', 'step')
 
 
@@ -118,8 +121,10 @@ class Config:
         'checkpoint as a SavedModel.',
         choices=('train', 'eval', 'train_then_eval', 'export'), resumable=True)
     train_mode: str = _flag(
-        'pretrain', 'The train mode controls different objectives and trainable components.',
-        choices=('pretrain', 'finetune'), resumable=False)
+        'pretrain', 'The train mode controls different objectives and trainable components: '
+        'pretrain, finetune (from --checkpoint), and new: supervised (the finetune objective from '
+        'scratch, the paper\'s supervised baseline), distill (a student trained on --teacher\'s '
+        'softmax over every train image, SimCLRv2).', choices=TRAIN_MODES, resumable=False)
     lineareval_while_pretraining: bool = _flag(
         True, 'Whether to finetune a linear head on top of the frozen encoder while pretraining '
         '(behind a stop-gradient).', resumable=False)
@@ -275,6 +280,20 @@ class Config:
         'training step: batch (the authors\' code) normalises with batch statistics and updates '
         'the moving averages; inference keeps the pretrained statistics. Their weights are never '
         'trained in either mode.', choices=FROZEN_BN_MODES, resumable=False)
+    teacher: Optional[str] = _flag(
+        None, 'New. train_mode=distill: the frozen teacher, an export (model_dir/saved_model/'
+        '<step>), a checkpoint of this project (prefix or model_dir), or one of the authors\' TF2 '
+        'checkpoints or SavedModels; it reads the same augmented view as the student, in '
+        'inference mode.', resumable=False)
+    distill_temperature: float = _flag(
+        1.0, 'New. Temperature of the distillation loss (SimCLRv2): the cross-entropy between '
+        'softmax(teacher logits / T) and softmax(student logits / T), times T^2 as the authors\' '
+        'colab.', bound='> 0', resumable=False)
+    distill_label_weight: float = _flag(
+        0.0, 'New. Weight w of the supervised term on the labelled examples (the label_fraction '
+        'subset) of train_mode=distill: loss = (1 - w) distillation + w cross-entropy with the '
+        'labels (SimCLRv2 eq. 3 with alpha = 1 - w; 0: distillation alone, as the authors\' '
+        'colab).', bound='[0, 1]', resumable=False)
     start_over: bool = _flag(
         False, 'New. Train from scratch in a model_dir that holds checkpoints, an export or '
         'another run\'s config.json: its files are first moved (not deleted) to '
@@ -290,6 +309,12 @@ class Config:
     def cifar_stem(self) -> bool:
         """3x3 stride-1 first conv and no max pool, as the paper's CIFAR-10 setup."""
         return self.image_size <= 32
+
+    @property
+    def trains_classifier(self) -> bool:
+        """A mode whose objective is the supervised head's (all but pretrain): the classifier
+        sits on hiddens[ft_proj_selector], layers past it are frozen, label_fraction applies."""
+        return self.train_mode != 'pretrain'
 
     @property
     def num_proj_outputs(self) -> int:
@@ -352,12 +377,15 @@ class Config:
                   f'proj_head_mode={self.proj_head_mode} and num_proj_layers={self.num_proj_layers}'
                   f' it indexes [h, ...] of {last + 1} tensors, so it must be in '
                   f'[{-(last + 1)}, {last}]')
-        check(not (self.train_mode == 'pretrain' and self.fine_tune_after_block != -1),
+        check(self.trains_classifier or self.fine_tune_after_block == -1,
               f'fine_tune_after_block={self.fine_tune_after_block} only applies to '
               'train_mode=finetune; it must be -1 with train_mode=pretrain')
-        check(self.label_fraction == 1 or self.train_mode == 'finetune',
+        check(self.label_fraction == 1 or self.trains_classifier,
               f'label_fraction={self.label_fraction} applies to train_mode=finetune (pretraining '
               'uses every image); it must be 1 with train_mode=pretrain')
+        check(bool(self.teacher) == (self.train_mode == 'distill'),
+              f'teacher={self.teacher!r}: train_mode=distill needs --teacher, and only it reads '
+              f'one (train_mode={self.train_mode})')
         bad = [a for a in self.augmentation_list if a not in AUGMENTATIONS]
         check(not bad, f'augmentations={self.augmentations!r}: unknown {", ".join(bad)}; '
                        f'known: {", ".join(AUGMENTATIONS)}')

@@ -67,8 +67,8 @@ def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
 
 
 def _label_subset(source, config: Config, split: str) -> Optional[np.ndarray]:
-    """The indices of `split` fine-tuning uses with label_fraction < 1, else None."""
-    if config.train_mode != 'finetune' or config.label_fraction >= 1:
+    """The indices of `split` that keep their labels with label_fraction < 1, else None."""
+    if not config.trains_classifier or config.label_fraction >= 1:
         return None
     return _cached_subset(source, split, config.label_fraction, config.label_seed)
 
@@ -83,15 +83,20 @@ def _cached_subset(source, split: str, fraction: float, seed: int) -> np.ndarray
 
 
 def _read_train(source, config: Config, pipelines: int, pipeline: int,
-                order: Optional[tf.Tensor] = None) -> tuple[tf.data.Dataset, int]:
-    """train_split's (item, label) for one input pipeline, restricted to the label subset."""
+                order: Optional[tf.Tensor] = None, training: bool = True
+                ) -> tuple[tf.data.Dataset, int]:
+    """train_split's (item, label) for one input pipeline. Fine-tuning reads only the label
+    subset, and so does every labelled use of train_split (the kNN bank); distillation's
+    training reads every example, with label -1 (a zero one-hot) outside the subset."""
     split = config.train_split
     subset = _label_subset(source, config, split)
-    keep = None
-    if subset is not None:
-        keep = np.zeros([source.num_examples(split)], bool)
-        keep[subset] = True
-    return source.read(split, pipelines, pipeline, keep, order)
+    if subset is None:
+        return source.read(split, pipelines, pipeline, None, order)
+    labelled = np.zeros([source.num_examples(split)], bool)
+    labelled[subset] = True
+    if training and config.train_mode == 'distill':
+        return source.read(split, pipelines, pipeline, order=order, labelled=labelled)
+    return source.read(split, pipelines, pipeline, labelled, order)
 
 
 # ---------------------------------------------------------------- public API
@@ -101,8 +106,8 @@ def dataset_info(config: Config, need_eval: bool = True) -> DatasetInfo:
     subset = _label_subset(source, config, config.train_split)
     return DatasetInfo(
         num_classes=source.num_classes,
-        num_train_examples=(source.num_examples(config.train_split) if subset is None
-                            else len(subset)),
+        num_train_examples=(len(subset) if subset is not None and config.train_mode != 'distill'
+                            else source.num_examples(config.train_split)),
         num_eval_examples=source.num_examples(config.eval_split) if need_eval else None,
         class_names=source.class_names)
 
@@ -184,7 +189,7 @@ def _read(config: Config, source, split: str, shard: _Shard, train_split: bool, 
     output), and no decode left to do (None)."""
     def read(order: Optional[tf.Tensor] = None) -> tuple[tf.data.Dataset, int]:
         if train_split:
-            return _read_train(source, config, shard.pipelines, shard.pipeline, order)
+            return _read_train(source, config, shard.pipelines, shard.pipeline, order, training)
         return source.read(split, shard.pipelines, shard.pipeline, order=order)
 
     items, n = read()

@@ -87,7 +87,7 @@ def evaluate(config: Config, strategy: tf.distribute.Strategy, model: tf.keras.M
         result['eval/knn_top_1_accuracy'] = float(np.mean(predicted == labels))
         result['eval/knn_num_train_examples'] = int(train_labels.shape[0])
         subset = (f' (the label_fraction={config.label_fraction:g} subset)'
-                  if config.train_mode == 'finetune' and config.label_fraction < 1 else '')
+                  if config.trains_classifier and config.label_fraction < 1 else '')
         logging.info('kNN monitor: %d labelled %s examples%s', train_labels.shape[0],
                      config.train_split, subset)
     result['global_step'] = step

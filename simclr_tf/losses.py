@@ -182,3 +182,33 @@ def supervised_loss(labels_onehot: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
     """Mean softmax cross-entropy over this replica's examples, in float32."""
     return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(
         tf.cast(labels_onehot, tf.float32), tf.cast(logits, tf.float32)))
+
+
+def distillation_loss(teacher_logits: tf.Tensor, student_logits: tf.Tensor,
+                      temperature: float) -> tf.Tensor:
+    """SimCLRv2's distillation loss over this replica's examples, in float32: the mean over x of
+    -T^2 sum_y softmax(t(x) / T)_y log softmax(s(x) / T)_y. The teacher's side is a constant.
+    T^2 is the authors' colab's (Hinton et al.: gradients of one size whatever T); at the default
+    T = 1 this is the paper's eq. 2 exactly."""
+    teacher = tf.stop_gradient(tf.nn.softmax(tf.cast(teacher_logits, tf.float32) / temperature))
+    return temperature ** 2 * tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(
+        teacher, tf.cast(student_logits, tf.float32) / temperature))
+
+
+def labelled_loss(labels_onehot: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(cross-entropy, accuracy) averaged over the examples of the *global* batch that have a
+    label (a one-hot row; unlabelled rows are all zero), as this replica's share: averaging the
+    replicas' values (as their summed gradients of value / replicas do) gives the global means.
+    Both are 0 when no example of the global batch has a label."""
+    labels_onehot = tf.cast(labels_onehot, tf.float32)
+    known = tf.reduce_sum(labels_onehot, 1)
+    ce = tf.nn.softmax_cross_entropy_with_logits(labels_onehot, tf.cast(logits, tf.float32))
+    correct = tf.cast(tf.equal(tf.argmax(labels_onehot, 1), tf.argmax(logits, 1)), tf.float32)
+    sums = tf.stack([tf.reduce_sum(known * ce), tf.reduce_sum(known * correct)])
+    count, replicas = tf.reduce_sum(known), 1.0
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+        count = ctx.all_reduce(tf.distribute.ReduceOp.SUM, count)
+        replicas = float(ctx.num_replicas_in_sync)
+    shares = sums * replicas / tf.maximum(count, 1.0)
+    return shares[0], shares[1]

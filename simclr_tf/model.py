@@ -4,7 +4,8 @@ What goes where, as the authors' TF2 model.py:
 - pretrain: the contrastive loss uses `proj_head_output` (z); with `lineareval_while_pretraining`
   a linear classifier is trained on hiddens[ft_proj_selector] behind a stop-gradient, so the
   labels never shape the representation.
-- finetune: the classifier sits on hiddens[ft_proj_selector] (h when 0, else a projection-head
+- finetune (and the new supervised and distill modes, which train the same classifier from
+  scratch, and a student on a teacher's softmax): the classifier sits on hiddens[ft_proj_selector] (h when 0, else a projection-head
   layer, as SimCLRv2; negative selectors count from z = -1) and its gradient flows into everything
   up to there, except the encoder stages frozen by `fine_tune_after_block`. The projection-head
   layers past the selected tensor feed no loss, so they are frozen like those stages (the authors
@@ -28,7 +29,7 @@ from simclr_tf.resnet import freeze, resnet_from_config
 
 
 def has_supervised_head(config: Config) -> bool:
-    return config.train_mode == 'finetune' or config.lineareval_while_pretraining
+    return config.trains_classifier or config.lineareval_while_pretraining
 
 
 class SimCLRModel(keras.Model):
@@ -59,7 +60,7 @@ class SimCLRModel(keras.Model):
         h_shape = (input_shape[0], self.encoder.output_dim)
         self.projection_head.build(h_shape)
         index = self.config.ft_proj_index
-        if self.config.train_mode == 'finetune':
+        if self.config.trains_classifier:
             # Layer j makes hiddens[j + 1]: those past the selected tensor feed no loss.
             for layer in self.projection_head.linear_layers[index:]:
                 freeze(layer, self.config.frozen_bn)

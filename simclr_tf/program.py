@@ -23,13 +23,17 @@ def check_start(config: Config) -> None:
     """Rejects a run that cannot start, before data or model are built."""
     model_dir_lib.check_path(config.model_dir, create=True)
     has_own = bool(checkpoint.list_checkpoints(config.model_dir))
-    if config.mode in ('train', 'train_then_eval') and config.train_mode == 'finetune':
-        if not config.checkpoint and not has_own:
-            raise ConfigError(
-                'train_mode=finetune needs --checkpoint (a pretrained checkpoint or its model_dir) '
-                f'or an existing checkpoint in model_dir={config.model_dir!r}')
-        if config.checkpoint and not has_own:
-            checkpoint.check_start(config.checkpoint)
+    training = config.mode in ('train', 'train_then_eval')
+    if training and config.train_mode == 'finetune' and not config.checkpoint and not has_own:
+        raise ConfigError(
+            'train_mode=finetune needs --checkpoint (a pretrained checkpoint or its model_dir) '
+            f'or an existing checkpoint in model_dir={config.model_dir!r}; '
+            '--train_mode=supervised trains the classifier from scratch')
+    if training and config.train_mode == 'supervised' and config.checkpoint:
+        raise ConfigError(f'train_mode=supervised trains from scratch: it takes no --checkpoint '
+                          f'({config.checkpoint!r}); --train_mode=finetune starts from one')
+    if training and config.checkpoint and not has_own:
+        checkpoint.check_start(config.checkpoint)
     if config.mode == 'export' and not has_own:
         raise ConfigError(f'mode=export needs a checkpoint in model_dir={config.model_dir!r}')
 
@@ -66,6 +70,9 @@ def run(config: Config, flags: Optional[dict[str, Any]] = None) -> Optional[dict
         export_model(config, model, step)
         return None
     plan = data.view_plan(config, True)  # before the model_dir is touched: it may refuse
+    if config.train_mode == 'distill':
+        from simclr_tf import teacher
+        teacher.check(config, info.num_classes)
     if chief:
         prepare_model_dir(config, 'train')
     task_id = getattr(getattr(strategy, 'cluster_resolver', None), 'task_id', 0) or 0

@@ -513,11 +513,11 @@ class ResNet(keras.layers.Layer):
 
 
 def resnet_from_config(config: Config) -> ResNet:
-    """The encoder a Config describes; freezing applies only when fine-tuning."""
+    """The encoder a Config describes; freezing applies only when training a classifier."""
     return ResNet(
         depth=config.resnet_depth, width_multiplier=config.width_multiplier,
         cifar_stem=config.cifar_stem, sk_ratio=config.sk_ratio, se_ratio=config.se_ratio,
         batch_norm_decay=config.batch_norm_decay, global_bn=config.global_bn,
         fine_tune_after_block=(config.fine_tune_after_block
-                               if config.train_mode == 'finetune' else -1),
+                               if config.trains_classifier else -1),
         frozen_bn=config.frozen_bn)

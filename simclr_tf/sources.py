@@ -174,11 +174,15 @@ class _FolderSource:
     stores_files = True
 
     def read(self, split: str, num_shards: int, index: int, keep: Optional[np.ndarray] = None,
-             order: Optional[tf.Tensor] = None) -> tuple[tf.data.Dataset, int]:
+             order: Optional[tf.Tensor] = None, labelled: Optional[np.ndarray] = None
+             ) -> tuple[tf.data.Dataset, int]:
         """(path, label) of the split's examples where `keep` (a mask over the split), every
-        num_shards-th from `index` on. `order` plays no part: the caller permutes the list."""
+        num_shards-th from `index` on; label -1 where `labelled` (a mask) is False. `order`
+        plays no part: the caller permutes the list."""
         del order
         paths, labels = self._select(split)
+        if labelled is not None:
+            labels = [y if k else -1 for y, k in zip(labels, labelled)]
         if keep is not None:
             paths = [p for p, k in zip(paths, keep) if k]
             labels = [y for y, k in zip(labels, keep) if k]
@@ -248,11 +252,15 @@ class _TfdsSource:
     full_shuffle = False
 
     def read(self, split: str, num_shards: int, index: int, keep: Optional[np.ndarray] = None,
-             order: Optional[tf.Tensor] = None) -> tuple[tf.data.Dataset, int]:
+             order: Optional[tf.Tensor] = None, labelled: Optional[np.ndarray] = None
+             ) -> tuple[tf.data.Dataset, int]:
         """(encoded image, label) of the split's examples where `keep` (a mask over the split),
-        for input pipeline `index` of num_shards. With `order` (a stateless seed) the split's
-        files are read in that seed's random order, 16 at a time interleaved (TFDS's
-        shuffle_files, but seeded per epoch); without it in the split's order."""
+        for input pipeline `index` of num_shards; label -1 where `labelled` (a mask) is False.
+        With `order` (a stateless seed) the split's files are read in that seed's random order,
+        16 at a time interleaved (TFDS's shuffle_files, but seeded per epoch); without it in the
+        split's order."""
+        if labelled is not None and keep is None:  # the masks need each example's index
+            keep = np.ones_like(labelled)
         if keep is None and num_shards > 1:  # exact even ranges: each pipeline knows its length
             split = tfds.even_splits(split, n=num_shards)[index]
         if keep is None:
@@ -272,6 +280,10 @@ class _TfdsSource:
             mask = tf.constant(keep)
             dataset = dataset.filter(lambda i, x, y: tf.gather(mask, i)
                                      & (i % num_shards == index))
+        if labelled is not None:
+            known = tf.constant(labelled)
+            return dataset.map(lambda i, x, y: (x, tf.where(tf.gather(known, i), y,
+                                                            tf.constant(-1, y.dtype)))), n
         return dataset.map(lambda i, x, y: (x, y)), n
 
     def _records(self, split: str, order: Optional[tf.Tensor]) -> tf.data.Dataset:

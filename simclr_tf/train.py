@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from simclr_tf import data, losses, optim, views
+from simclr_tf import teacher as teacher_lib
 from simclr_tf.checkpoint import Checkpointer
 from simclr_tf.config import Config
 from simclr_tf.model import SimCLRModel, build_model
@@ -24,6 +25,9 @@ from simclr_tf.model import SimCLRModel, build_model
 # The original's scalar names (metrics.py), in the order a step produces them.
 PRETRAIN_METRICS = ('train/contrast_loss', 'train/contrast_acc', 'train/contrast_entropy')
 SUPERVISED_METRICS = ('train/supervised_loss', 'train/supervised_acc')
+# distill: the loss, how often the student's top class is the teacher's; then SUPERVISED_METRICS
+# over the batch's labelled examples.
+DISTILL_METRICS = ('train/distill_loss', 'train/teacher_agreement')
 COMMON_METRICS = ('train/weight_decay', 'train/total_loss')
 
 
@@ -56,6 +60,7 @@ class TrainState:
     total_steps: int
     checkpoint_steps: int
     stopped: int = 0  # the signal (SIGTERM/SIGINT) that stopped training before total_steps
+    teacher: Optional[SimCLRModel] = None  # train_mode=distill: frozen, in inference mode
 
     @property
     def step(self) -> int:
@@ -67,7 +72,7 @@ class TrainState:
 
 
 def metric_names(config: Config, has_supervised_head: bool) -> tuple[str, ...]:
-    names = PRETRAIN_METRICS if config.train_mode == 'pretrain' else ()
+    names = {'pretrain': PRETRAIN_METRICS, 'distill': DISTILL_METRICS}.get(config.train_mode, ())
     return names + (SUPERVISED_METRICS if has_supervised_head else ()) + COMMON_METRICS
 
 
@@ -83,8 +88,12 @@ def build_state(config: Config, strategy: tf.distribute.Strategy, info: data.Dat
         optimizer.build(model.trainable_variables)
         checkpointer = Checkpointer(config, model, optimizer, chief=chief, task_id=task_id)
         logging.info('%s', checkpointer.restore(model))
+    teacher = None
+    if config.train_mode == 'distill':
+        teacher = teacher_lib.build(config, info.num_classes, strategy)
+        logging.info('teacher: %s', config.teacher)
     return TrainState(model, optimizer, checkpointer, schedule, total,
-                      optim.checkpoint_steps(config, info.num_train_examples))
+                      optim.checkpoint_steps(config, info.num_train_examples), teacher=teacher)
 
 
 def steps_per_loop(config: Config, checkpoint_steps: int) -> int:
@@ -107,7 +116,7 @@ def make_step_fn(config: Config, state: TrainState, strategy: tf.distribute.Stra
                  plan: views.ViewPlan) -> Callable:
     """One replica's step, finishing the views as `plan` says; returns its metrics, in
     `metric_names` order, as a float32 vector."""
-    model, optimizer = state.model, state.optimizer
+    model, optimizer, teacher = state.model, state.optimizer, state.teacher
     pretrain = config.train_mode == 'pretrain'
     replicas = strategy.num_replicas_in_sync
     # float16: a step skipped for an overflow in the forward pass must not leave inf/NaN in the
@@ -126,16 +135,21 @@ def make_step_fn(config: Config, state: TrainState, strategy: tf.distribute.Stra
         if statistics:
             kept = [tf.identity(v) for v in statistics]
             skipped = tf.identity(optimizer.skipped_steps)
+        if teacher is not None:  # the same view as the student's; no gradient
+            teacher_logits = tf.stop_gradient(teacher(images, training=False)['logits_sup'])
         with tf.GradientTape() as tape:
             outputs = model(images, training=True)
             metrics, loss = [], tf.constant(0.0)
-            if pretrain:
+            if teacher is not None:
+                loss, metrics = _distillation(config, teacher_logits, outputs['logits_sup'],
+                                              labels)
+            elif pretrain:
                 con_loss, logits_ab, con_labels = losses.contrastive_loss(
                     outputs['proj_head_output'], config)
                 acc, entropy = losses.contrastive_metrics(logits_ab, con_labels)
                 metrics += [con_loss, acc, entropy]
                 loss += con_loss
-            if 'logits_sup' in outputs:
+            if 'logits_sup' in outputs and teacher is None:
                 sup_labels = tf.concat([labels, labels], 0) if pretrain else labels
                 sup_loss = losses.supervised_loss(sup_labels, outputs['logits_sup'])
                 sup_acc = tf.reduce_mean(tf.cast(tf.equal(
@@ -159,6 +173,19 @@ def make_step_fn(config: Config, state: TrainState, strategy: tf.distribute.Stra
         return tf.stack([tf.cast(m, tf.float32) for m in metrics])
 
     return step_fn
+
+
+def _distillation(config: Config, teacher_logits: tf.Tensor, logits: tf.Tensor,
+                  labels: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    """(loss, DISTILL_METRICS + SUPERVISED_METRICS values) of a distillation step: (1 - w) x
+    the distillation loss + w x the cross-entropy on the labelled examples."""
+    distill = losses.distillation_loss(teacher_logits, logits, config.distill_temperature)
+    agreement = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(teacher_logits, 1),
+                                                tf.argmax(logits, 1)), tf.float32))
+    sup_loss, sup_acc = losses.labelled_loss(labels, logits)
+    w = config.distill_label_weight
+    loss = (1 - w) * distill + (w * sup_loss if w else 0.0)
+    return loss, [distill, agreement, sup_loss, sup_acc]
 
 
 def use_jit(config: Config, strategy: tf.distribute.Strategy) -> bool:
@@ -265,7 +292,7 @@ class _StopRequest:
 
 def _progress_line(step: int, total: int, values: dict, images_per_s: float, eta_s: float) -> str:
     shown = {'loss': 'train/total_loss', 'con_acc': 'train/contrast_acc',
-             'sup_acc': 'train/supervised_acc'}
+             'sup_acc': 'train/supervised_acc', 'agree': 'train/teacher_agreement'}
     parts = [f'step {step}/{total}']
     parts += [f'{k} {values[v]:.4f}' for k, v in shown.items() if v in values]
     parts += [f'{images_per_s:.1f} img/s', f'ETA {time.strftime("%H:%M:%S", time.gmtime(eta_s))}']
