@@ -21,6 +21,9 @@ Stages:
   augment      crop+flip+colour / crop+flip / colour only (Figure 5)
   seed         the recipe again with another seed: how far one seed's arms move by chance
   precision    the recipe (float32) and the same under --mixed_precision=bfloat16
+  fewlabel     1 % and 10 % of the labels: supervised from scratch, the main run fine-tuned from
+               h and from the projection head's first layer, and that distilled on every image
+               (bench/fewlabel.py; fewlabel_supervised: its rows that need no main run)
 Every ablation arm pretrains for --arm_steps with the study's flags and seed, then is probed with
 kNN and linear fitted on --arm_probe_split and tested on the whole test split.
 
@@ -38,6 +41,9 @@ import subprocess
 import sys
 import tarfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when run through runpy
+import fewlabel  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,10 +86,16 @@ def main() -> None:
                         help='pretraining steps of each ablation arm (390: one epoch at batch 128)')
     parser.add_argument('--arm_probe_split', default='train[:10000]',
                         help='train split the ablation arms are probed with')
+    parser.add_argument('--fewlabel_seeds', default='0,1',
+                        help='fewlabel: seeds of the labelled subsets (and runs); the first '
+                        "one's held-out part chooses the supervised learning rate")
+    parser.add_argument('--distill_epochs', type=float, default=3,
+                        help='fewlabel: epochs of distillation over the 50,000 train images')
     parser.add_argument('--out', default=os.path.join(REPO, 'bench', 'results',
                                                       'cifar10_study.json'))
     args = parser.parse_args()
-    unknown = set(args.stages.split(',')) - {'pretrain', 'curve', 'probe', 'pixels', *ABLATIONS}
+    unknown = set(args.stages.split(',')) - {'pretrain', 'curve', 'probe', 'pixels', 'fewlabel',
+                                             'fewlabel_supervised', *ABLATIONS}
     if unknown:
         parser.error(f'unknown stages: {", ".join(sorted(unknown))}')
     os.makedirs(args.work, exist_ok=True)
@@ -117,6 +129,13 @@ def main() -> None:
     if 'pixels' in stages:
         out = os.path.join(args.work, 'probe_pixels.json')
         study.step('probe_pixels', probe + ['--pixels', '--image_size=32', f'--out={out}'], out)
+    for stage in ('fewlabel_supervised', 'fewlabel'):
+        if stage in stages:
+            seeds = tuple(int(s) for s in args.fewlabel_seeds.split(','))
+            summary = fewlabel.run(study, data, args.work, simclr_dir, main, seeds,
+                                   args.distill_epochs, supervised_only=stage != 'fewlabel')
+            if stage == 'fewlabel':
+                print(fewlabel.table(summary), flush=True)
     recipe = flagfile_values(os.path.join(REPO, args.flagfile))
     for stage, arms in ABLATIONS.items():
         if stage not in stages:
