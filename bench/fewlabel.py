@@ -94,8 +94,10 @@ def trained_and_evaluated(study, name: str, argv: list[str], run_dir: str) -> di
     result = {}
     for split in ('heldout', 'test'):  # the test split only at the held-out's best step
         copy = eval_copy(run_dir, split, result.get('best_step'))
+        # eval_timeout: the test copy's one checkpoint is not the run's last, which mode=eval
+        # would otherwise wait for.
         study.step(f'{name}_{split}', argv + [f'--model_dir={copy}', '--mode=eval',
-                                              f'--eval_split={split}'],
+                                              f'--eval_split={split}', '--eval_timeout=1'],
                    collect=lambda copy=copy: accuracies(copy), after=(name,))
         curve = {int(k): v for k, v in study.record[f'{name}_{split}']['results'].items()}
         if split == 'heldout':

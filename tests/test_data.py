@@ -350,3 +350,27 @@ def test_one_undecodable_image_of_a_batch_leaves_the_others_as_they_were(config,
     changed = [i for i in range(B) if not np.array_equal(good[i], replaced[i])]
     assert len(changed) == 1 and f'cannot decode {bad}' in caplog.text
     assert np.allclose(replaced[changed[0]], 128 / 255, atol=1e-6)  # the grey stand-in
+
+
+@pytest.mark.parametrize('kind', ['folder', 'tfds'])
+def test_distillation_reads_every_example_with_labels_only_in_the_subset(config, tmp_path, kind):
+    """train_mode=distill streams the whole train split; outside the label_fraction subset a
+    label is a zero one-hot row. The kNN bank and the sizes keep to the subset's labels."""
+    cfg = config.replace(train_mode='distill', teacher='t', label_fraction=0.25, label_seed=1,
+                         train_batch_size=10)
+    if kind == 'tfds':
+        TinyGreyImages(data_dir=str(tmp_path)).download_and_prepare(
+            download_config=tfds.download.DownloadConfig(num_shards=4))
+        cfg = cfg.replace(dataset='tiny_grey_images', data_dir=str(tmp_path))
+    source = sources.open_source(cfg.dataset, cfg.data_dir)
+    n, labels = source.num_examples('train'), source.labels('train')
+    subset = data.balanced_subset(labels, 0.25, 1)
+    assert data.dataset_info(cfg, need_eval=False).num_train_examples == n
+    rows = np.concatenate([y.numpy() for _, y in data.build_dataset(
+        cfg.replace(augmentations='sobel'), True).take(n // 10)])  # one epoch
+    assert rows.shape == (n, source.num_classes)
+    assert rows.sum() == len(subset) and set(rows.sum(1)) == {0.0, 1.0}
+    assert sorted(rows.argmax(1)[rows.sum(1) > 0]) == sorted(labels[subset])
+    bank = np.concatenate([y.numpy() for _, y in data.build_dataset(
+        cfg.replace(eval_split='train'), False, labelled_only=True)])
+    assert len(bank) == len(subset) and bank.sum() == len(subset)
