@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from simclr_tf.config import Config
-from simclr_tf.resnet import ARCHITECTURES, channels
+from simclr_tf.resnet import ARCHITECTURES, channels, output_dim
 
 SUFFIX = '/.ATTRIBUTES/VARIABLE_VALUE'
 PARTS = ('resnet_model', '_projection_head', 'supervised_head')
@@ -46,8 +46,7 @@ class Architecture:
 
     @property
     def h_dim(self) -> int:
-        expansion = 4 if ARCHITECTURES[self.resnet_depth][0] == 'bottleneck' else 1
-        return expansion * channels(512, self.width_multiplier)
+        return output_dim(self.resnet_depth, self.width_multiplier)
 
     def describe(self) -> str:
         parts = [f'ResNet-{self.resnet_depth} {self.width_multiplier:g}x',
