@@ -42,7 +42,7 @@ class Architecture:
         return cls(config.resnet_depth, config.width_multiplier, config.cifar_stem,
                    config.sk_ratio, config.se_ratio, config.proj_head_mode,
                    config.num_proj_outputs, config.proj_out_dim, num_classes,
-                   config.ft_proj_selector)
+                   config.ft_proj_index)  # -1 (z) as the index the layout compares
 
     @property
     def h_dim(self) -> int:
