@@ -25,6 +25,7 @@ from simclr_tf.authors_layout import (
     DEFAULT_SK_RATIO, PARTS, SK_MIN_DIM, SUFFIX, Architecture, Builder, Entry, Layer, all_weights,
     layout, trainable_weights)
 from simclr_tf.config import Config, ConfigError
+from simclr_tf.heads import HeadMismatch
 from simclr_tf.resnet import ARCHITECTURES, channels
 
 # The authors' part -> this model's attribute.
@@ -372,6 +373,13 @@ def plan(model, config: Config, source: Source, schema: str = ''
             notes.append(f'supervised head not restored: the source has {src.num_classes} '
                          f'classes, this run {arch.num_classes}')
             continue
+        if part == 'supervised_head':
+            mismatch = _head_mismatch(source, src, expected, config)
+            if mismatch and not config.zero_init_logits_layer:
+                raise AuthorsLayoutError(mismatch.refusal())
+            if mismatch:
+                notes.append(mismatch.fresh())
+                continue
         problems = _compare(expected, have)
         if problems:
             raise AuthorsLayoutError(
@@ -388,6 +396,19 @@ def plan(model, config: Config, source: Source, schema: str = ''
             if pattern.match(v.path):
                 pairs.append((v, e.key + SUFFIX))
     return pairs, notes
+
+
+def _head_mismatch(source: Source, src: Architecture, expected: list[Entry], config: Config
+                   ) -> Optional[HeadMismatch]:
+    """The source's supervised head if it reads another width than this run's. Their shapes tell
+    only whether it reads z (ft_proj_selector=-1) or a tensor of h's width (0 stands for it)."""
+    key = 'model/supervised_head/linear_layer/dense/kernel'
+    theirs = source.shapes.get(key + SUFFIX)
+    ours = next((e.shape for e in expected if e.key == key), None)
+    if theirs is None or ours is None or theirs[0] == ours[0]:
+        return None
+    return HeadMismatch(f"the authors' {source.kind} {source.path}", tuple(theirs), tuple(ours),
+                        -1 if src.ft_proj_selector else 0, config.ft_proj_selector)
 
 
 def restore(model, config: Config, source: Source, schema: str) -> tuple[list[str], list[str]]:

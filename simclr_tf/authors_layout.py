@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from simclr_tf.config import Config
-from simclr_tf.resnet import ARCHITECTURES, channels
+from simclr_tf.resnet import ARCHITECTURES, channels, output_dim
 
 SUFFIX = '/.ATTRIBUTES/VARIABLE_VALUE'
 PARTS = ('resnet_model', '_projection_head', 'supervised_head')
@@ -42,12 +42,11 @@ class Architecture:
         return cls(config.resnet_depth, config.width_multiplier, config.cifar_stem,
                    config.sk_ratio, config.se_ratio, config.proj_head_mode,
                    config.num_proj_outputs, config.proj_out_dim, num_classes,
-                   config.ft_proj_selector)
+                   config.ft_proj_index)  # -1 (z) as the index the layout compares
 
     @property
     def h_dim(self) -> int:
-        expansion = 4 if ARCHITECTURES[self.resnet_depth][0] == 'bottleneck' else 1
-        return expansion * channels(512, self.width_multiplier)
+        return output_dim(self.resnet_depth, self.width_multiplier)
 
     def describe(self) -> str:
         parts = [f'ResNet-{self.resnet_depth} {self.width_multiplier:g}x',

@@ -12,7 +12,10 @@ import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from simclr_tf import authors, faults, optim
+from simclr_tf import model_dir as model_dir_lib
 from simclr_tf.config import Config, ConfigError
+from simclr_tf.heads import HeadMismatch
+from simclr_tf.model import has_supervised_head, supervised_input_dim
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -154,10 +157,9 @@ class Checkpointer:
             else:
                 source = resolve_checkpoint(self.config.checkpoint)
                 try:
-                    restored = restore_matching(model, source, self.config.variable_schema)
+                    restored, notes = restore_matching(model, source, self.config)
                 except (tf.errors.OpError, IndexError, OSError) as e:  # half-written, damaged
                     raise faults.Unreadable('checkpoint', source, e) from e
-                notes = []
             message = f'initialised {len(restored)} variables from {source}'
             message += ''.join(f'; {note}' for note in notes)
             new = new_parts(model, restored)
@@ -260,18 +262,20 @@ def set_aside_checkpoint(prefix: str) -> str:
 
 def model_dir_contents(model_dir: str) -> list[str]:
     """Exports and results in model_dir that a run from scratch would overwrite."""
-    from simclr_tf import model_dir as model_dir_lib
     return model_dir_lib.contents(model_dir)
 
 
-def restore_matching(model: tf.keras.Model, source: str, schema: str) -> list[str]:
-    """Restores the variables whose `.path` matches `schema` (re.match) from a checkpoint.
+def restore_matching(model: tf.keras.Model, source: str, config: Config
+                     ) -> tuple[list[str], list[str]]:
+    """Restores the variables whose `.path` matches `config.variable_schema` (re.match) from a
+    checkpoint; returns their paths and notes on parts left as initialised.
 
     The authors' linear-eval recipe passes `(?!global_step|(?:.*/|^)Momentum|head)`: every encoder
     variable, no head. Only the parts that hold a selected variable are read, so a checkpoint whose
-    supervised head has another number of classes can still seed the encoder.
+    supervised head has another shape can still seed the encoder. A selected head of another shape
+    (`head_mismatch`) starts fresh under zero_init_logits_layer, else raises ConfigError.
     """
-    pattern = re.compile(schema)
+    pattern = re.compile(config.variable_schema)
     parts = _parts(model)
     selected = {name: [v for v in layer.variables if pattern.match(v.path)]
                 for name, layer in parts.items()}
@@ -284,10 +288,23 @@ def restore_matching(model: tf.keras.Model, source: str, schema: str) -> list[st
     for name in [n for n in selected if selected[n] and n not in saved]:
         logging.info('checkpoint %s holds no %s: it starts freshly initialised', source, name)
         selected[name] = []
+    notes = []
+    if selected.get('supervised_head'):
+        kernel = model.supervised_head.linear_layer.dense.kernel
+        mismatch = head_mismatch(source, tuple(kernel.shape), config.ft_proj_selector)
+        if mismatch and not config.zero_init_logits_layer:
+            raise ConfigError(mismatch.refusal())
+        if mismatch:
+            notes.append(mismatch.fresh())
+            selected['supervised_head'] = []
     wanted = {name: layer for name, layer in parts.items() if selected[name]}
     keep = {id(v): v.numpy() for v in model.variables if not pattern.match(v.path)}
     if wanted:
-        status = tf.train.Checkpoint(model=tf.train.Checkpoint(**wanted)).restore(source)
+        try:
+            status = tf.train.Checkpoint(model=tf.train.Checkpoint(**wanted)).restore(source)
+        except ValueError as e:  # a variable of another shape: never TensorFlow's raw error
+            raise ConfigError(f'checkpoint {source} does not fit this model ({_first_line(e)}); '
+                              'were its flags different? (see the config.json beside it)') from e
         status.expect_partial()
         try:
             status.assert_existing_objects_matched()
@@ -299,22 +316,103 @@ def restore_matching(model: tf.keras.Model, source: str, schema: str) -> list[st
         if id(v) in keep:
             v.assign(keep[id(v)])
     restored = [v.path for vs in selected.values() for v in vs]
-    logging.info('restored %d variables matching %r from %s: %s', len(restored), schema, source,
+    logging.info('restored %d variables matching %r from %s: %s', len(restored),
+                 config.variable_schema, source,
                  ', '.join(f'{n} {len(vs)}' for n, vs in selected.items()))
-    return restored
+    return restored, notes
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def _object_graph(reader) -> Optional[trackable_object_graph_pb2.TrackableObjectGraph]:
+    if not reader.has_tensor('_CHECKPOINTABLE_OBJECT_GRAPH'):  # written without objects
+        return None
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor('_CHECKPOINTABLE_OBJECT_GRAPH'))
+    return graph
+
+
+def _child(graph, node: Optional[int], names: tuple[str, ...]) -> Optional[int]:
+    """The node id of `node`'s child named one of `names` (None if there is none)."""
+    if node is None:
+        return None
+    return next((c.node_id for c in graph.nodes[node].children if c.local_name in names), None)
 
 
 def saved_parts(source: str) -> set[str]:
     """The model parts a checkpoint of this project holds, read from its object graph (older
     checkpoints key head weights under the optimizer, so their key names do not tell)."""
     reader = tf.train.load_checkpoint(source)
-    if not reader.has_tensor('_CHECKPOINTABLE_OBJECT_GRAPH'):  # written without objects
+    graph = _object_graph(reader)
+    if graph is None:
         return {name.split('/')[1] for name in reader.get_variable_to_shape_map()
                 if name.startswith('model/') and name.count('/') > 1}
-    graph = trackable_object_graph_pb2.TrackableObjectGraph()
-    graph.ParseFromString(reader.get_tensor('_CHECKPOINTABLE_OBJECT_GRAPH'))
-    model = [c.node_id for c in graph.nodes[0].children if c.local_name == 'model']
-    return {c.local_name for c in graph.nodes[model[0]].children} if model else set()
+    model = _child(graph, 0, ('model',))
+    return {c.local_name for c in graph.nodes[model].children} if model is not None else set()
+
+
+# Where the supervised head's kernel sits in the object graph (Keras 3 names it `_kernel`), and
+# the .path of the head's variables (what variable_schema matches).
+HEAD_KERNEL = ('model', 'supervised_head', 'linear_layer', 'dense')
+KERNEL_NAMES = ('_kernel', 'kernel')
+HEAD_PATHS = tuple(f'head_supervised/linear_layer/dense/{v}' for v in ('kernel', 'bias'))
+
+
+def saved_head_shape(source: str) -> Optional[tuple[int, ...]]:
+    """[inputs, classes] of the supervised head's kernel in a checkpoint of this project, found
+    through its object graph (older checkpoints key it under the optimizer); None if not found."""
+    reader = tf.train.load_checkpoint(source)
+    shapes = reader.get_variable_to_shape_map()
+    graph = _object_graph(reader)
+    if graph is None:
+        keys = ['/'.join(HEAD_KERNEL + (name,)) + authors.SUFFIX for name in KERNEL_NAMES]
+    else:
+        node = 0
+        for name in HEAD_KERNEL:
+            node = _child(graph, node, (name,))
+        node = _child(graph, node, KERNEL_NAMES)
+        keys = [a.checkpoint_key for a in graph.nodes[node].attributes] if node is not None else []
+    return next((tuple(shapes[k]) for k in keys if k in shapes), None)
+
+
+def head_mismatch(source: str, ours: tuple[int, Optional[int]], selector: int
+                  ) -> Optional[HeadMismatch]:
+    """How the supervised head of checkpoint `source` differs from this run's ([inputs, classes],
+    classes None: inputs only; `selector` this run's ft_proj_selector), None if it fits or the
+    checkpoint holds no head. The checkpoint's selector comes from config.json beside it."""
+    theirs = saved_head_shape(source)
+    if theirs is None or (theirs[0] == ours[0] and ours[1] in (None, theirs[1])):
+        return None
+    try:
+        written = model_dir_lib.read_config(os.path.dirname(source)) or {}
+    except ConfigError:  # unreadable: the message names the widths only
+        written = {}
+    return HeadMismatch(f'checkpoint {source}', theirs, ours, written.get('ft_proj_selector'),
+                        selector)
+
+
+def check_head(config: Config, num_classes: Optional[int] = None) -> None:
+    """Refuses, before anything is built, a start from `config.checkpoint` (one of this project's)
+    whose supervised head the schema selects but this run's head cannot take: another input width
+    or, once `num_classes` is known, class count. With zero_init_logits_layer it starts fresh
+    instead (restore_matching); the authors' sources are placed by authors.restore."""
+    schema = re.compile(config.variable_schema)
+    if (config.zero_init_logits_layer or not has_supervised_head(config)
+            or not any(schema.match(p) for p in HEAD_PATHS)):
+        return
+    try:
+        if authors.open_source(config.checkpoint) is not None:
+            return
+        source = resolve_checkpoint(config.checkpoint)
+        mismatch = head_mismatch(source, (supervised_input_dim(config), num_classes),
+                                 config.ft_proj_selector)
+    except (tf.errors.OpError, IndexError, OSError):  # damaged: the restore says so
+        return
+    if mismatch:
+        raise ConfigError(mismatch.refusal())
 
 
 def _parts(model: tf.keras.Model) -> dict:

@@ -13,6 +13,7 @@ linear-eval `variable_schema='(?!global_step|(?:.*/|^)Momentum|head)'` excludes 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import keras
@@ -147,3 +148,43 @@ class SupervisedHead(keras.layers.Layer):
     def get_config(self) -> dict:
         return {**super().get_config(), 'num_classes': self.num_classes,
                 'zero_init': self.zero_init}
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadMismatch:
+    """A saved supervised head this run's cannot take, as one line: shapes are [inputs, classes]
+    (this run's classes None while unknown), selectors None when not known."""
+    source: str  # 'checkpoint <path>', "the authors' checkpoint <path>"
+    theirs: tuple[int, ...]
+    ours: tuple[int, Optional[int]]
+    their_selector: Optional[int]
+    our_selector: int
+
+    @property
+    def inputs_differ(self) -> bool:
+        return self.theirs[0] != self.ours[0]
+
+    def __str__(self) -> str:
+        said = []
+        if self.inputs_differ:
+            there = ('' if self.their_selector is None
+                     else f' (ft_proj_selector={self.their_selector} there)')
+            said.append(f"reads {self.theirs[0]} inputs{there} and this model's {self.ours[0]} "
+                        f'(ft_proj_selector={self.our_selector})')
+        if self.ours[1] is not None and self.theirs[1] != self.ours[1]:
+            said.append(f"has {self.theirs[1]} classes and this model's {self.ours[1]}")
+        return f"{self.source}'s supervised head {', and '.join(said)}"
+
+    def fresh(self) -> str:
+        """Why the head starts fresh under zero_init_logits_layer."""
+        return f'{self}: it starts fresh (zero_init_logits_layer zeroes it anyway)'
+
+    def refusal(self) -> str:
+        """Why the run stops, and the ways out."""
+        ways = ['--zero_init_logits_layer=True to start the head fresh']
+        if self.inputs_differ:
+            ways.append(f'--ft_proj_selector={self.their_selector} to match it'
+                        if self.their_selector is not None
+                        else '--ft_proj_selector of the run that wrote it to match it')
+        ways.append("--variable_schema='(?!head_supervised)' to leave it out")
+        return f'{self}: pass {", ".join(ways[:-1])}, or {ways[-1]}'

@@ -25,11 +25,20 @@ import tensorflow as tf
 
 from simclr_tf.config import Config
 from simclr_tf.heads import ProjectionHead, SupervisedHead
-from simclr_tf.resnet import freeze, resnet_from_config
+from simclr_tf.resnet import freeze, output_dim, resnet_from_config
 
 
 def has_supervised_head(config: Config) -> bool:
     return config.trains_classifier or config.lineareval_while_pretraining
+
+
+def supervised_input_dim(config: Config) -> int:
+    """Width of hiddens[ft_proj_selector], what the supervised head reads: hiddens are
+    [h, hidden layers (h's width)..., z (proj_out_dim)]."""
+    index = config.ft_proj_index
+    last = index == config.num_proj_outputs and index > 0
+    return config.proj_out_dim if last else output_dim(config.resnet_depth,
+                                                       config.width_multiplier)
 
 
 class SimCLRModel(keras.Model):
@@ -65,10 +74,7 @@ class SimCLRModel(keras.Model):
             for layer in self.projection_head.linear_layers[index:]:
                 freeze(layer, self.config.frozen_bn)
         if self.supervised_head is not None:
-            # hiddens are [h, hidden layers (width of h)..., z]
-            last = index == self.config.num_proj_outputs and index > 0
-            dim = self.config.proj_out_dim if last else self.encoder.output_dim
-            self.supervised_head.build((input_shape[0], dim))
+            self.supervised_head.build((input_shape[0], supervised_input_dim(self.config)))
 
     def call(self, images, training: bool = False) -> dict[str, tf.Tensor]:
         outputs = dict(self.encoder(images, training=training))

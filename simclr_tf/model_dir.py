@@ -93,14 +93,9 @@ def release_locks() -> None:
 def check_config(config: Config, model_dir: str) -> None:
     """Fails, listing the flags, if model_dir's config.json differs from `config` in a field that
     must stay fixed for the life of a run (all but RESUMABLE_FIELDS)."""
-    path = os.path.join(model_dir, 'config.json')
-    if not tf.io.gfile.exists(path):
+    saved = read_config(model_dir)
+    if saved is None:
         return
-    try:
-        with tf.io.gfile.GFile(path) as f:
-            saved = json.load(f)
-    except (ValueError, tf.errors.OpError) as e:
-        raise ConfigError(f'{path} is not readable JSON ({e}); move it away to go on') from None
     current = config.to_dict()
     differing = [f'--{k}={current[k]!r} (model_dir has {saved[k]!r})'
                  for k in sorted(current) if k in saved and k not in RESUMABLE_FIELDS
@@ -110,6 +105,18 @@ def check_config(config: Config, model_dir: str) -> None:
             f'model_dir={model_dir!r} holds a run with other hyperparameters; this run differs '
             f'in: {", ".join(differing)}. Rerun with the model_dir\'s values, use another '
             '--model_dir, or pass --start_over to move its files aside and train from scratch')
+
+
+def read_config(model_dir: str) -> Optional[dict[str, Any]]:
+    """model_dir's config.json as written by `write_config`; None when there is none."""
+    path = os.path.join(model_dir, 'config.json')
+    if not tf.io.gfile.exists(path):
+        return None
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            return json.load(f)
+    except (ValueError, tf.errors.OpError) as e:
+        raise ConfigError(f'{path} is not readable JSON ({e}); move it away to go on') from None
 
 
 def _normalise(value: Any) -> Any:

@@ -32,10 +32,17 @@ def check_start(config: Config) -> None:
     if training and config.train_mode == 'supervised' and config.checkpoint:
         raise ConfigError(f'train_mode=supervised trains from scratch: it takes no --checkpoint '
                           f'({config.checkpoint!r}); --train_mode=finetune starts from one')
-    if training and config.checkpoint and not has_own:
+    if starts_from_checkpoint(config):
         checkpoint.check_start(config.checkpoint)
+        checkpoint.check_head(config)  # its input width; the class count once data is known
     if config.mode == 'export' and not has_own:
         raise ConfigError(f'mode=export needs a checkpoint in model_dir={config.model_dir!r}')
+
+
+def starts_from_checkpoint(config: Config) -> bool:
+    """A training run that starts from --checkpoint: model_dir has no checkpoint of its own."""
+    return (config.mode in ('train', 'train_then_eval') and bool(config.checkpoint)
+            and not checkpoint.list_checkpoints(config.model_dir))
 
 
 def set_up(config: Config) -> None:
@@ -55,6 +62,8 @@ def run(config: Config, flags: Optional[dict[str, Any]] = None) -> Optional[dict
     strategy = distribute.build_strategy(config)
     distribute.check_strategy(config, strategy)
     info = data.dataset_info(config, need_eval=config.mode != 'train')
+    if starts_from_checkpoint(config):
+        checkpoint.check_head(config, info.num_classes)
     chief = distribute.is_chief(strategy)
     set_up(config)
     logging.info('%s: %s train / %s eval examples, %s classes, %d replicas', config.dataset,

@@ -487,8 +487,7 @@ class ResNet(keras.layers.Layer):
     @property
     def output_dim(self) -> int:
         """Size of h (final_avg_pool)."""
-        expansion = BLOCKS[ARCHITECTURES[self.depth][0]].expansion
-        return expansion * channels(512, self.width_multiplier)
+        return output_dim(self.depth, self.width_multiplier)
 
     def _end_of_stage(self, x: tf.Tensor, stage: int) -> tf.Tensor:
         """Stages up to `fine_tune_after_block` get no gradient."""
@@ -510,6 +509,11 @@ class ResNet(keras.layers.Layer):
                 'sk_ratio': self.sk_ratio, 'se_ratio': self.se_ratio,
                 'batch_norm_decay': self.batch_norm_decay, 'global_bn': self.global_bn,
                 'fine_tune_after_block': self.fine_tune_after_block, 'frozen_bn': self.frozen_bn}
+
+
+def output_dim(depth: int, width_multiplier: float) -> int:
+    """Size of h (final_avg_pool) of a ResNet of this depth and width, without building it."""
+    return BLOCKS[ARCHITECTURES[depth][0]].expansion * channels(512, width_multiplier)
 
 
 def resnet_from_config(config: Config) -> ResNet:

@@ -339,6 +339,51 @@ def test_run_configured_for_another_architecture_is_told_which(r18):
         Checkpointer(config, model, optimizer).restore(model)
 
 
+
+HEAD_KERNEL = 'model/supervised_head/linear_layer/dense/kernel' + authors.SUFFIX
+
+
+def _start(config: Config) -> tuple[keras.Model, str]:
+    model = build_model(config, NUM_CLASSES)
+    optimizer = keras.optimizers.SGD(0.1)
+    optimizer.build(model.trainable_variables)
+    return model, Checkpointer(config, model, optimizer).restore(model)
+
+
+def test_a_head_of_another_width_starts_fresh_with_zero_init_and_is_refused_without(r18):
+    """Their head reads h (512 wide); this run's reads z (ft_proj_selector=-1, 128)."""
+    config = config_of(r18['fixture'], checkpoint=r18['prefix'], train_mode='finetune',
+                       ft_proj_selector=-1, model_dir=str(r18['tmp'] / 'head_on_z'))
+    what = (f"the authors' checkpoint {r18['prefix']}'s supervised head reads 512 inputs "
+            "(ft_proj_selector=0 there) and this model's 128 (ft_proj_selector=-1)")
+    with pytest.raises(authors.AuthorsLayoutError) as error:
+        _start(config)
+    assert str(error.value) == (
+        f'{what}: pass --zero_init_logits_layer=True to start the head fresh, '
+        "--ft_proj_selector=0 to match it, or --variable_schema='(?!head_supervised)' to leave "
+        'it out')
+    model, message = _start(config.replace(zero_init_logits_layer=True))
+    assert f'{what}: it starts fresh (zero_init_logits_layer zeroes it anyway)' in message
+    assert not any(np.any(v.numpy()) for v in model.supervised_head.variables)
+    assert_outputs({'final_avg_pool': model(input_of(r18['fixture']))['final_avg_pool']},
+                   {'final_avg_pool': r18['fixture']['expected_trainable_false']['final_avg_pool']})
+
+
+def test_their_head_on_z_lands_in_a_run_whose_head_reads_z(r18):
+    """Their run pretrained with ft_proj_selector=-1 (head on z, 128 wide): fine-tuning with
+    --ft_proj_selector=-1 restores that head (-1 counts from z in their layout too)."""
+    fixture = dict(r18['fixture'], flags=r18['fixture']['flags'] + ['--ft_proj_selector=-1'])
+    fixture['checkpoint_keys'] = [[k, [128, s[1]] if k == HEAD_KERNEL else s]
+                                  for k, s in fixture['checkpoint_keys']]
+    prefix = write_checkpoint(fixture, str(r18['tmp'] / 'theirs_on_z' / 'ckpt-1'))
+    config = config_of(fixture, checkpoint=prefix, train_mode='finetune', ft_proj_selector=-1,
+                       model_dir=str(r18['tmp'] / 'on_z'))
+    model, message = _start(config)
+    assert 'new' not in message
+    np.testing.assert_array_equal(model.supervised_head.linear_layer.dense.kernel.numpy(),
+                                  tf.train.load_checkpoint(prefix).get_tensor(HEAD_KERNEL))
+
+
 # ---------------------------------------------------------------- more of their layouts
 EXTRA = os.path.join(os.path.dirname(__file__), 'data', 'authors_layouts_extra')
 
