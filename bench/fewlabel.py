@@ -8,7 +8,9 @@ cifar10_fewlabel.cfg), is evaluated at each of its checkpoints on the held-out f
 test split, and reports test top-1 at the checkpoint best on the held-out part (early stopping;
 the test split never chooses anything):
   supervised  the same encoder from scratch (train_mode=supervised), learning rate chosen from
-              SUPERVISED_LRS on the held-out part of seed 0's labels, then kept for other seeds;
+              SUPERVISED_LRS on the held-out part of seed 0's labels, then kept for other seeds
+              (if seed 0's best checkpoint is its last, also once at twice the epochs: a check
+              that the budget did not hold the baseline back);
   finetune    the main pretrained run fine-tuned from h (ft_proj_selector=0) and from the
               projection head's first layer (=1, SimCLRv2), at the fixed FINETUNE_LR;
   distill     the latter as teacher, distilled into the same architecture (initialised from the
@@ -123,8 +125,8 @@ def run(study, data: str, work: str, simclr_dir: str, main: str, seeds: tuple[in
             n = sum(len(files) for _, _, files in os.walk(os.path.join(folder, 'train')))
             runs = {}
 
-            def steps(kind):
-                total = -(-EPOCHS[kind][fraction] * n // 128)
+            def steps(kind, times=1):
+                total = -(-times * EPOCHS[kind][fraction] * n // 128)
                 return [f'--train_steps={total}', f'--checkpoint_steps={-(-total // CHECKPOINTS)}']
 
             common = base + [f'--dataset={folder}', f'--seed={seed}']
@@ -139,6 +141,14 @@ def run(study, data: str, work: str, simclr_dir: str, main: str, seeds: tuple[in
                 chosen_lr = max(lrs, key=lambda lr: max(
                     runs[f'supervised_lr{lr:g}']['heldout'].values()))
             runs['supervised'] = runs[f'supervised_lr{chosen_lr:g}']
+            if seed == seeds[0] and runs['supervised']['best_step'] == max(
+                    runs['supervised']['heldout']):  # still improving at its end: how far?
+                name = f'fewlabel_{pct}_s{seed}_supervised_lr{chosen_lr:g}_x2'
+                runs['supervised_x2'] = trained_and_evaluated(
+                    study, name, common + ['--train_mode=supervised',
+                                           f'--learning_rate={chosen_lr:g}',
+                                           f'--weight_decay={SUPERVISED_WEIGHT_DECAY:g}']
+                    + steps('supervised', 2), os.path.join(work, name))
             if supervised_only:
                 continue
             for variant, selector in SELECTORS.items():
@@ -173,12 +183,12 @@ def run(study, data: str, work: str, simclr_dir: str, main: str, seeds: tuple[in
 
 def table(summary: dict) -> str:
     """Markdown: test top-1 per row and fraction, mean ± half the range over seeds."""
-    rows = ('supervised', 'finetune_h', 'finetune_proj1', 'distill')
+    rows = ('supervised', 'supervised_x2', 'finetune_h', 'finetune_proj1', 'distill')
     lines = ['| CIFAR-10 test top-1 | 1 % labels | 10 % labels |', '|---|---|---|']
     for row in rows:
         cells = []
         for pct in ('1pct', '10pct'):
-            values = [v[row] for k, v in summary.items() if k.startswith(pct + '_')]
+            values = [v[row] for k, v in summary.items() if k.startswith(pct + '_') and row in v]
             cells.append(f'{np.mean(values):.3f} ± {(max(values) - min(values)) / 2:.3f} '
                          f'({len(values)} seeds)' if values else '-')
         lines.append(f'| {row} | ' + ' | '.join(cells) + ' |')
