@@ -292,7 +292,7 @@ class Config:
     distill_label_weight: float = _flag(
         0.0, 'New. Weight w of the supervised term on the labelled examples (the label_fraction '
         'subset) of train_mode=distill: loss = (1 - w) distillation + w cross-entropy with the '
-        'labels (SimCLRv2 eq. 3 with alpha = 1 - w; 0: distillation alone, as the authors\' '
+        'labels (SimCLRv2\'s weighting, alpha = 1 - w; 0: distillation alone, as the authors\' '
         'colab).', bound='[0, 1]', resumable=False)
     start_over: bool = _flag(
         False, 'New. Train from scratch in a model_dir that holds checkpoints, an export or '

@@ -189,7 +189,7 @@ def distillation_loss(teacher_logits: tf.Tensor, student_logits: tf.Tensor,
     """SimCLRv2's distillation loss over this replica's examples, in float32: the mean over x of
     -T^2 sum_y softmax(t(x) / T)_y log softmax(s(x) / T)_y. The teacher's side is a constant.
     T^2 is the authors' colab's (Hinton et al.: gradients of one size whatever T); at the default
-    T = 1 this is the paper's eq. 2 exactly."""
+    T = 1 this is the paper's loss exactly."""
     teacher = tf.stop_gradient(tf.nn.softmax(tf.cast(teacher_logits, tf.float32) / temperature))
     return temperature ** 2 * tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(
         teacher, tf.cast(student_logits, tf.float32) / temperature))
