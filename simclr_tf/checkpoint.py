@@ -303,7 +303,7 @@ def restore_matching(model: tf.keras.Model, source: str, config: Config
         try:
             status = tf.train.Checkpoint(model=tf.train.Checkpoint(**wanted)).restore(source)
         except ValueError as e:  # a variable of another shape: never TensorFlow's raw error
-            raise ConfigError(f'checkpoint {source} does not fit this model ({_first_line(e)}); '
+            raise ConfigError(f'checkpoint {source} does not fit this model ({first_line(e)}); '
                               'were its flags different? (see the config.json beside it)') from e
         status.expect_partial()
         try:
@@ -322,7 +322,8 @@ def restore_matching(model: tf.keras.Model, source: str, config: Config
     return restored, notes
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """An error's first line (at most 300 characters), for one-line messages."""
     text = str(error).strip()
     return text.splitlines()[0][:300] if text else type(error).__name__
 

@@ -12,7 +12,6 @@ the student's checkpoints: a resumed run reads `--teacher` again.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Optional
@@ -20,10 +19,10 @@ from typing import Optional
 import tensorflow as tf
 
 from simclr_tf import authors, checkpoint
+from simclr_tf import model_dir as model_dir_lib
 from simclr_tf.config import Config, ConfigError
 from simclr_tf.model import SimCLRModel, build_model
 
-_HEAD_BIAS = 'model/supervised_head/linear_layer/dense/bias/.ATTRIBUTES/VARIABLE_VALUE'
 _EXPORT_VARIABLE = re.compile(r'^variables/(\d+)/\.ATTRIBUTES/VARIABLE_VALUE$')
 
 
@@ -38,30 +37,26 @@ class Source:
 
 def open_source(path: str) -> Source:
     """What `--teacher=path` holds, read without building a model; ConfigError if nothing fit."""
-    if tf.io.gfile.exists(os.path.join(path, 'saved_model.pb')) and tf.io.gfile.exists(
-            os.path.join(path, 'assets.extra', 'config.json')):
-        return _export(path)
-    if tf.io.gfile.isdir(path) and not checkpoint.list_checkpoints(path):
-        ours = _newest_export(path)
-        if ours:
-            return _export(ours)
+    # An export, or a model_dir with exports and no checkpoint: its newest export.
+    saved = None if checkpoint.list_checkpoints(path) else authors.find_saved_model(path)
+    if saved and tf.io.gfile.exists(os.path.join(saved, 'assets.extra', 'config.json')):
+        return _export(saved)
     try:
         theirs = authors.open_source(path)
     except ConfigError as e:
-        raise ConfigError(f'teacher={path!r}: {_first_line(e)}; expected an export '
+        raise ConfigError(f'teacher={path!r}: {checkpoint.first_line(e)}; expected an export '
                           '(model_dir/saved_model/<step>), a checkpoint or a model_dir') from None
     if theirs is not None:
         arch = authors.source_architecture(theirs)
         return Source(f'authors {theirs.kind}', theirs.path, authors.config_for(arch),
                       arch.num_classes, theirs)
     prefix = checkpoint.resolve_checkpoint(path)
-    saved = os.path.join(os.path.dirname(prefix), 'config.json')
-    if not tf.io.gfile.exists(saved):
+    values = model_dir_lib.read_config(os.path.dirname(prefix))
+    if values is None:
         raise ConfigError(f'teacher={path!r}: checkpoint {prefix} has no config.json beside it '
                           'to say its architecture; pass its export (model_dir/saved_model/<step>)')
-    shapes = dict(tf.train.list_variables(prefix))
-    classes = shapes[_HEAD_BIAS][0] if _HEAD_BIAS in shapes else None
-    return Source('checkpoint', prefix, _read_config(saved), classes)
+    head = checkpoint.saved_head_shape(prefix)  # [inputs, classes]
+    return Source('checkpoint', prefix, _config(values), head[1] if head else None)
 
 
 def check(config: Config, num_classes: int) -> Source:
@@ -93,7 +88,8 @@ def build(config: Config, num_classes: int, strategy: tf.distribute.Strategy) ->
             authors.restore(model, source.config, source.authors, '')
     except (AssertionError, ValueError, tf.errors.OpError) as e:
         raise ConfigError(f'teacher={config.teacher!r}: {source.kind} {source.path} does not '
-                          f'hold the model its configuration describes: {_first_line(e)}') from None
+                          f'hold the model its configuration describes: '
+                          f'{checkpoint.first_line(e)}') from None
     model.trainable = False
     return model
 
@@ -101,7 +97,7 @@ def build(config: Config, num_classes: int, strategy: tf.distribute.Strategy) ->
 def _export(path: str) -> Source:
     """An export of this project: its config in assets.extra, its classes from the shape of the
     last variable it saved (the model's variables end with the classifier's kernel and bias)."""
-    config = _read_config(os.path.join(path, 'assets.extra', 'config.json'))
+    config = _config(model_dir_lib.read_config(os.path.join(path, 'assets.extra')))
     classes = None
     if config.trains_classifier or config.lineareval_while_pretraining:
         shapes = {int(m.group(1)): shape
@@ -126,22 +122,7 @@ def _restore_export(model: SimCLRModel, path: str) -> None:
         v.assign(value)
 
 
-def _newest_export(model_dir: str) -> Optional[str]:
-    root = os.path.join(model_dir, 'saved_model')
-    if not tf.io.gfile.isdir(root):
-        return None
-    steps = [int(n.rstrip('/')) for n in tf.io.gfile.listdir(root) if n.rstrip('/').isdigit()]
-    return os.path.join(root, str(max(steps))) if steps else None
-
-
-def _read_config(path: str) -> Config:
-    with tf.io.gfile.GFile(path) as f:
-        values = json.load(f)
+def _config(values: dict) -> Config:
+    """A teacher's Config from its saved values; fields a newer version added take defaults."""
     known = {f.name for f in dataclasses.fields(Config)}
-    # A teacher written by an older version lacks newer fields: their defaults apply.
     return Config.from_dict({k: v for k, v in values.items() if k in known})
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
