@@ -24,6 +24,10 @@ Stages:
   fewlabel     1 % and 10 % of the labels: supervised from scratch, the main run fine-tuned from
                h and from the projection head's first layer, and that distilled on every image
                (bench/fewlabel.py; fewlabel_supervised: its rows that need no main run)
+  head_long, color_long, batch, width, supervised_lr
+               the findings one epoch is too short for: the head (Figure 8) and colour strength
+               at 8 epochs, batch size x epochs (Figure 9), model width against supervised
+               training (Figure 7); arms of the main run's recipe (bench/findings.py)
 Every ablation arm pretrains for --arm_steps with the study's flags and seed, then is probed with
 kNN and linear fitted on --arm_probe_split and tested on the whole test split.
 
@@ -44,6 +48,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when run through runpy
 import fewlabel  # noqa: E402
+import findings  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,7 +100,8 @@ def main() -> None:
                                                       'cifar10_study.json'))
     args = parser.parse_args()
     unknown = set(args.stages.split(',')) - {'pretrain', 'curve', 'probe', 'pixels', 'fewlabel',
-                                             'fewlabel_supervised', *ABLATIONS}
+                                             'fewlabel_supervised', 'supervised_lr',
+                                             *findings.STAGES, *ABLATIONS}
     if unknown:
         parser.error(f'unknown stages: {", ".join(sorted(unknown))}')
     os.makedirs(args.work, exist_ok=True)
@@ -136,6 +142,7 @@ def main() -> None:
                                    args.distill_epochs, supervised_only=stage != 'fewlabel')
             if stage == 'fewlabel':
                 print(fewlabel.table(summary), flush=True)
+    findings.run(study, stages, data, args.work, args.main_flagfile)
     recipe = flagfile_values(os.path.join(REPO, args.flagfile))
     for stage, arms in ABLATIONS.items():
         if stage not in stages:

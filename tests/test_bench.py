@@ -9,6 +9,7 @@ import tensorflow as tf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'bench'))
+sys.path.insert(0, os.path.join(REPO, 'tests'))
 import profile_step  # noqa: E402
 
 
@@ -125,3 +126,30 @@ def test_input_pipeline_bench_prints_every_stream_and_its_floors(mixed_folder):
     assert set(result['cpu_ms_per_image']) == {'pipeline', 'decode_only', 'crops_only',
                                                'kernels_only'}
     assert result['in_training_step']['ops'] == 'color'
+
+
+def test_findings_arms_set_their_knobs_and_equal_arms_are_one_run():
+    import findings
+    from test_run_flags import config_of
+    names = {}
+    for stage, arms in findings.STAGES.items():
+        for a in arms:
+            names.setdefault(findings.name(a), set()).add(tuple(sorted(a.items())))
+            flagfile = 'cifar10_supervised' if a['supervised'] else 'cifar10_main'
+            config = config_of(f'python run.py --flagfile={REPO}/flags/{flagfile}.cfg '
+                               + ' '.join(findings.flags(a, supervised_lr=0.3)))
+            assert (config.train_epochs, config.width_multiplier, config.seed) == (
+                a['epochs'], a['width'], a['seed'])
+            assert config.warmup_epochs == a['epochs'] / 10
+            if a['supervised']:
+                assert (config.train_mode, config.learning_rate) == ('supervised', 0.3)
+                continue
+            head = {'none': ('none', 0), 'linear': ('linear', 1), 'nonlinear2': ('nonlinear', 2),
+                    'nonlinear3': ('nonlinear', 3)}[a['head']]
+            assert (config.proj_head_mode, config.num_proj_outputs) == head
+            assert (config.train_batch_size, config.color_jitter_strength, config.mode) == (
+                a['batch'], a['color'], 'train')
+    assert all(len(knobs) == 1 for knobs in names.values())  # one name, one setting
+    recipe = findings.name(findings.arm())
+    assert {s for s, arms in findings.STAGES.items()
+            if recipe in map(findings.name, arms)} == set(findings.STAGES)
