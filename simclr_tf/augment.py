@@ -193,14 +193,15 @@ def random_resized_crop(images: tf.Tensor, size: int, seed: Seed) -> tf.Tensor:
     return crop_and_resize(images, sample_crops(shape[1], shape[2], shape[0], seed), size)
 
 
-def center_crop_resize(images: tf.Tensor, size: int) -> tf.Tensor:
-    """The eval view: above 32 px the central 87.5 % square, resized to size; at <= 32 px the
-    image as it is (CIFAR), resized only if its size differs."""
+def center_crop_resize(images: tf.Tensor, size: int, proportion: float = 0.0) -> tf.Tensor:
+    """The eval view: the central square of `proportion` of the shorter side, resized to size.
+    0 is the authors': 0.875 above 32 px; at <= 32 px the image as it is (CIFAR), resized only
+    if its size differs."""
     shape = tf.shape(images)
     h, w = shape[1], shape[2]
-    if size > 32:
-        side = tf.cast(tf.round(EVAL_CROP_PROPORTION * tf.cast(tf.minimum(h, w), tf.float32)),
-                       tf.int32)
+    if proportion or size > 32:
+        share = proportion or EVAL_CROP_PROPORTION
+        side = tf.cast(tf.round(share * tf.cast(tf.minimum(h, w), tf.float32)), tf.int32)
         box = tf.stack([(h - side + 1) // 2, (w - side + 1) // 2, side, side])
     else:
         box = tf.stack([0, 0, h, w])
@@ -501,12 +502,13 @@ has the figures). The colour distortion is
     return _xla(fn) if jit else fn
 
 
-def _run(images: tf.Tensor, names: tuple[str, ...], size: int, seeds: tf.Tensor, fit: bool
-         ) -> tf.Tensor:
-    """to float, fit to size x size if asked, then the named (non-colour) ops, clipping each."""
+def _run(images: tf.Tensor, names: tuple[str, ...], size: int, seeds: tf.Tensor, fit: bool,
+         crop_proportion: float = 0.0) -> tf.Tensor:
+    """to float, fit to size x size if asked (the eval view), then the named (non-colour) ops,
+    clipping each."""
     images = to_float(images)
     if fit:
-        images = tf.clip_by_value(center_crop_resize(images, size), 0.0, 1.0)
+        images = tf.clip_by_value(center_crop_resize(images, size, crop_proportion), 0.0, 1.0)
     for name, seed in zip(names, tf.unstack(seeds, num=len(names))):
         images = tf.clip_by_value(_OPS[name](images, size, seed), 0.0, 1.0)
     return images
@@ -545,7 +547,8 @@ def view(images: tf.Tensor, names: Sequence[str], config: Config, seed: Optional
             run_seeds = tf.stack([seeds[name] for name in run]) if run else tf.zeros([0, 2],
                                                                                     tf.int64)
             images = _compiled(_run, jit)(images, run, config.image_size, run_seeds,
-                                          fit and i == 0 and 'crop' not in names)
+                                          fit and i == 0 and 'crop' not in names,
+                                          config.eval_crop_proportion)
     size = config.image_size
     images = tf.ensure_shape(images, [None, size, size, 3])
     return images[0] if single else images

@@ -260,6 +260,12 @@ class Config:
     knn_train_examples: int = _flag(
         100_000, 'New. Train examples the kNN monitor uses (0 turns it off).', bound='>= 0',
         resumable=True)
+    eval_crop_proportion: float = _flag(
+        0.0, 'New. The test view: the central square of this share of the shorter side, resized '
+        'to image_size (bicubic). 0: the authors\' (0.875 above 32 px, i.e. 256 -> 224; at <= 32 '
+        'px the image whole, as their CIFAR evaluation). The transfer protocol\'s linear '
+        'evaluation takes 1.0 (shorter side resized, then the centre crop).', bound='[0, 1]',
+        resumable=True)
     eval_timeout: int = _flag(
         0, 'New. mode=eval: seconds to wait for a new checkpoint before giving up (0: wait until '
         'the last step\'s checkpoint, as the original).', bound='>= 0', resumable=True)

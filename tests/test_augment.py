@@ -175,6 +175,14 @@ def test_outputs_are_float_images_in_range_of_the_right_shape(image):
     ref = tf.image.resize(big[4:60, 12:68], [48, 48], method='bicubic')  # 56 = 0.875 * 64
     np.testing.assert_allclose(augment.preprocess_for_eval(big, CONFIG.replace(image_size=48)),
                                tf.clip_by_value(ref, 0, 1), atol=1e-5)
+    # eval_crop_proportion=1: the shorter side resized, then the centre crop (the transfer
+    # protocol's linear evaluation), at any size: 64 x 80 -> the central 64 x 64.
+    whole = tf.image.resize(big[:, 8:72], [48, 48], method='bicubic')
+    for size, ref in ((48, whole), (24, tf.image.resize(big[:, 8:72], [24, 24], method='bicubic'))):
+        np.testing.assert_allclose(
+            augment.preprocess_for_eval(big, CONFIG.replace(image_size=size,
+                                                            eval_crop_proportion=1.0)),
+            tf.clip_by_value(ref, 0, 1), atol=1e-5)
 
 
 def test_two_views_of_one_image_differ_and_a_seed_fixes_a_view(image):

@@ -395,19 +395,23 @@ def test_replacement_and_keeping_the_newest(exported, tmp_path, monkeypatch):
     assert sorted(os.listdir(root)) == ['30', '40']
 
 
-def test_probe_reads_exports_and_checkpoints(exported, sample_dir):
-    """simclr_tf.probe's feature sources give the model's h; random_init gives other features."""
-    from simclr_tf import probe
+def test_features_read_exports_and_checkpoints(exported, sample_dir):
+    """simclr_tf.features' encoders give the model's h from an export, a checkpoint and its
+    model_dir; random_init gives other features; the export's image size is the model's."""
+    from simclr_tf import features
     config, model, path, expected = exported
     x, h = expected['x4'], expected['x4/False/final_avg_pool']
-    np.testing.assert_allclose(probe.saved_model_features(path)(x).numpy(), h, atol=1e-5)
+    from_export = features.load(path)
+    np.testing.assert_allclose(from_export.outputs(x)['final_avg_pool'].numpy(), h, atol=1e-5)
+    assert from_export.config.image_size == config.image_size and 'export' in from_export.description
     with open(os.path.join(config.model_dir, 'config.json'), 'w') as f:
         f.write(config.replace(dataset=sample_dir).to_json())
     prefix = tf.train.Checkpoint(model=model).write(os.path.join(config.model_dir, 'ckpt-5'))
-    fn, restored = probe.checkpoint_features(prefix)
-    assert restored.width_multiplier == config.width_multiplier
     # The fixture's training-mode calls moved the BN statistics since `h`: compare to now.
     h = model(x, training=False)['final_avg_pool'].numpy()
-    np.testing.assert_allclose(fn(x).numpy(), h, atol=1e-5)
-    random_fn, _ = probe.checkpoint_features(prefix, random_init=True)
-    assert np.abs(random_fn(x).numpy() - h).max() > 1e-2
+    for source in (prefix, config.model_dir):
+        encoder = features.load(source)
+        assert encoder.config.width_multiplier == config.width_multiplier
+        np.testing.assert_allclose(encoder.outputs(x)['final_avg_pool'].numpy(), h, atol=1e-5)
+    random = features.load(prefix, random_init=True)
+    assert np.abs(random.outputs(x)['final_avg_pool'].numpy() - h).max() > 1e-2

@@ -55,14 +55,12 @@ def test_centred_knn_ignores_a_shared_offset():
         assert 0.4 < plain[centred] < 1.0  # noisy enough that the ranking is tested
 
 
-def test_linear_probe_separable_and_shuffled(separable):
+def test_linear_probe_holds_out_a_fifth_of_train_and_reports_both_accuracies(separable):
     train_x, train_y, test_x, test_y = separable
-    result = probe.linear_probe(train_x, train_y, test_x, test_y, 5, epochs=30, batch_size=100)
-    assert result['top_1_accuracy'] == 1.0
-    assert result['weight_decay'] in (0.0, 1e-4, 1e-3, 1e-2)
-    shuffled = np.random.default_rng(3).permutation(train_y)
-    chance = probe.linear_probe(train_x, shuffled, test_x, test_y, 5, epochs=30, batch_size=100)
-    assert 0.08 <= chance['top_1_accuracy'] <= 0.35
+    result = probe.linear_probe(train_x, train_y, test_x, test_y, 5, grid=(1e-3, 1.0))
+    assert result['top_1_accuracy'] == 1.0 and result['mean_per_class_accuracy'] == 1.0
+    assert result['l2'] in (1e-3, 1.0)
+    assert result['validation']['top_1_accuracy'] == 1.0  # on the held-out fifth
 
 
 @pytest.mark.parametrize('fraction', [0.01, 0.1])
@@ -113,7 +111,7 @@ def test_probe_command_on_raw_pixels(sample_dir, tmp_path):
     proc = subprocess.run(
         [sys.executable, '-m', 'simclr_tf.probe', '--pixels', '--image_size=32',
          f'--dataset={sample_dir}', '--train_split=train[:500]', '--eval_split=test[:100]',
-         '--linear_epochs=20', '--linear_min_steps=100', f'--out={out}'],
+         '--l2_values=12', f'--out={out}'],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -121,9 +119,13 @@ def test_probe_command_on_raw_pixels(sample_dir, tmp_path):
     assert result['num_train_examples'] == 500 and result['num_eval_examples'] == 100
     assert result['feature_dim'] == 32 * 32 * 3
     for key in ('knn200_top_1_accuracy', 'knn20_top_1_accuracy', 'knn200_centred_top_1_accuracy',
-                'linear_top_1_accuracy'):
+                'linear_top_1_accuracy', 'linear_mean_per_class_accuracy'):
         assert 0.15 < result[key] < 0.6, (key, result[key])  # raw pixels beat chance (0.1)
-    assert result['output'] == 'pixels'
+    assert result['output'] == 'pixels' and result['linear_grid_size'] == 12
     bad = subprocess.run([sys.executable, '-m', 'simclr_tf.probe', '--pixels',
                           f'--dataset={sample_dir}'], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and '--image_size are required' in bad.stderr
+    missing = subprocess.run([sys.executable, '-m', 'simclr_tf.probe', f'--model={tmp_path}/none',
+                              f'--dataset={sample_dir}'], cwd=REPO, capture_output=True, text=True)
+    assert missing.returncode == 2, missing.stderr[-2000:]
+    assert missing.stderr.strip().splitlines()[-1].startswith('error: model=')
