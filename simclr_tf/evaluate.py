@@ -10,7 +10,7 @@ from typing import Any, Optional
 import numpy as np
 import tensorflow as tf
 
-from simclr_tf import data, optim
+from simclr_tf import data, linear, optim
 from simclr_tf.config import Config
 
 
@@ -76,6 +76,10 @@ def evaluate(config: Config, strategy: tf.distribute.Strategy, model: tf.keras.M
     if logits.shape[1]:
         top5 = np.argsort(-logits, axis=1)[:, :5]
         result['eval/label_top_1_accuracy'] = float(np.mean(top5[:, 0] == labels))
+        # The transfer protocol's metric of four of its data sets (Aircraft, Pets, Caltech-101,
+        # Flowers): the mean over classes of each class's top-1.
+        result['eval/label_mean_per_class_accuracy'] = linear.accuracies(
+            labels, top5[:, 0], logits.shape[1])['mean_per_class_accuracy']
         result['eval/label_top_5_accuracy'] = float(np.mean(np.any(top5 == labels[:, None], 1)))
     if config.knn_train_examples:
         # A semi-supervised run's monitor may use only the labels it trains with.

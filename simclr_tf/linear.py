@@ -23,6 +23,7 @@ import numpy as np
 
 PAPER_GRID = tuple(float(v) for v in np.logspace(-6, 5, 45))
 VALIDATION_FRACTION = 0.2  # of each class of train, held out where a data set has no validation
+# (the data sources' HELD_OUT)
 MAX_ITER = 1000
 
 
@@ -39,18 +40,10 @@ def accuracies(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> d
 
 def validation_split(labels: np.ndarray, fraction: float = VALIDATION_FRACTION, seed: int = 0
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """(fit, validation) sorted indices: `fraction` of every class held out (rounded, at least
-    one of a class with two or more examples), which ones a function of `seed` alone. Each class
-    keeps its share, so the validation split has the train split's class proportions."""
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    held = []
-    for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        take = max(round(fraction * len(members)), 1) if len(members) > 1 else 0
-        held.append(members[:take])
-    held = np.sort(np.concatenate(held)) if held else np.zeros([0], int)
-    return np.setdiff1d(np.arange(len(labels)), held), held
+    """(fit, validation) indices: `fraction` of every class held out, deterministically; the
+    same draw as the `<split>[validation]` of a data source."""
+    from simclr_tf.sources import held_out
+    return held_out(labels, fraction, seed)
 
 
 @dataclasses.dataclass

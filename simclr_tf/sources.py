@@ -7,6 +7,10 @@ first corrupt file, whereas here unreadable files are found when the split is li
 with their path, counted and left out, so the example counts used for epochs and resumption are
 exact. A split's files are put in one fixed pseudo-random order, so slices such as
 `train[:10%]` take a sample of every class.
+
+Besides TFDS's slices, both kinds of source take `<split>[validation]` and `<split>[fit]`: a
+fixed, stratified fifth of the split held out (`held_out`: every class gives a fifth of its
+examples) and the rest, for data sets that have no validation split of their own.
 """
 
 from __future__ import annotations
@@ -59,23 +63,58 @@ def _unreadable(path: str) -> Optional[str]:
     return 'not a JPEG, PNG, GIF or BMP image'
 
 
-_SPLIT_PART = re.compile(r'^(?P<name>[\w.-]+)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$')
+_SPLIT_PART = re.compile(r'^(?P<name>[\w.-]+)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\]'
+                         r'|\[(?P<part>fit|validation)\])?$')
+HELD_OUT = 0.2  # <split>[validation]: this share of every class
+
+
+def held_out(labels: np.ndarray, fraction: float = HELD_OUT, seed: int = 0
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, held out) sorted indices: `fraction` of every class held out (rounded, at least one
+    of a class with two or more examples), which ones a function of `seed` alone. Each class
+    keeps its share, so the held-out part has the split's class proportions."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        take = max(round(fraction * len(members)), 1) if len(members) > 1 else 0
+        held.append(members[:take])
+    held = np.sort(np.concatenate(held)) if held else np.zeros([0], np.int64)
+    return np.setdiff1d(np.arange(len(labels)), held), held
+
+
+def _part_mask(labels: np.ndarray, part: str) -> np.ndarray:
+    """The mask over a split of its `part`: 'fit' or 'validation' (see `held_out`)."""
+    fit, held = held_out(labels)
+    mask = np.zeros([len(labels)], bool)
+    mask[held if part == 'validation' else fit] = True
+    return mask
 
 
 def _parse_split(spec: str, available: list[str], where: str
-                 ) -> list[tuple[str, Optional[str], Optional[str]]]:
-    """'train[:10%]+test' -> [('train', None, '10%'), ('test', None, None)] (TFDS syntax)."""
+                 ) -> list[tuple[str, Optional[str], Optional[str], Optional[str]]]:
+    """'train[:10%]+test[validation]' -> [('train', None, '10%', None), ('test', None, None,
+    'validation')] (TFDS syntax, and the held-out parts)."""
     parts = []
     for part in spec.split('+'):
         match = _SPLIT_PART.match(part.strip())
         if not match:
             raise DataError(f'split {spec!r} of {where}: cannot parse {part!r}; use e.g. '
-                            "'train', 'train[:10%]', 'train[100:200]'")
+                            "'train', 'train[:10%]', 'train[100:200]', 'train[validation]'")
         if match['name'] not in available:
             raise DataError(f'split {match["name"]!r} not found in {where}; it has: '
                             f'{", ".join(sorted(available)) or "no splits"}')
-        parts.append((match['name'], match['start'], match['stop']))
+        parts.append((match['name'], match['start'], match['stop'], match['part']))
     return parts
+
+
+def _spread(part: np.ndarray, inner: Optional[np.ndarray]) -> np.ndarray:
+    """A mask over a base split from `inner`, a mask over its `part` (None: all of it)."""
+    out = part.copy()
+    if inner is not None:
+        out[part] = inner
+    return out
 
 
 def _bound(text: Optional[str], n: int, default: int) -> int:
@@ -155,9 +194,14 @@ class _FolderSource:
 
     def _select(self, split: str) -> tuple[list[str], list[int]]:
         paths, labels = [], []
-        for name, start, stop in _parse_split(split, self.splits, self.description):
+        for name, start, stop, part in _parse_split(split, self.splits, self.description):
             split_paths, split_labels = self._files(name)
             n = len(split_paths)
+            if part:
+                mask = _part_mask(np.asarray(split_labels), part)
+                paths += [p for p, k in zip(split_paths, mask) if k]
+                labels += [y for y, k in zip(split_labels, mask) if k]
+                continue
             chosen = slice(_bound(start, n, 0), _bound(stop, n, n))
             paths += split_paths[chosen]
             labels += split_labels[chosen]
@@ -234,7 +278,22 @@ class _TfdsSource:
         self.stores_files = (isinstance(self._image_feature, tfds.features.Image)
                              and getattr(self._image_feature, '_encoding_format', None) != 'none')
 
+    def _derived(self, split: str) -> Optional[tuple[str, np.ndarray]]:
+        """(base split, mask over it) of `<base>[fit]` / `<base>[validation]`, else None."""
+        if not isinstance(split, str):  # a TFDS split object (tfds.even_splits)
+            return None
+        match = _SPLIT_PART.match(split.strip())
+        if match and match['part']:
+            return match['name'], _part_mask(self.labels(match['name']), match['part'])
+        if re.search(r'\[(fit|validation)\]', split):
+            raise DataError(f'split {split!r} of {self.description}: [fit] and [validation] '
+                            'take a whole TFDS split, not a part of a combination')
+        return None
+
     def num_examples(self, split: str) -> int:
+        derived = self._derived(split)
+        if derived:
+            return int(derived[1].sum())
         try:
             return self.builder.info.splits[split].num_examples
         except (KeyError, ValueError) as e:
@@ -244,6 +303,9 @@ class _TfdsSource:
     @functools.lru_cache(maxsize=4)
     def labels(self, split: str) -> np.ndarray:
         # One pass over the split without decoding images: for the label_fraction subset.
+        derived = self._derived(split)
+        if derived:
+            return self.labels(derived[0])[derived[1]]
         dataset = self.builder.as_dataset(split=split, shuffle_files=False,
                                           decoders={self.image_key: tfds.decode.SkipDecoding()})
         return np.fromiter((int(x[self.label_key]) for x in tfds.as_numpy(dataset)), np.int64)
@@ -259,6 +321,11 @@ class _TfdsSource:
         With `order` (a stateless seed) the split's files are read in that seed's random order,
         16 at a time interleaved (TFDS's shuffle_files, but seeded per epoch); without it in the
         split's order."""
+        derived = self._derived(split)
+        if derived:  # the part's masks, spread over its base split
+            split, part = derived
+            keep = _spread(part, keep)
+            labelled = None if labelled is None else _spread(part, labelled)
         if labelled is not None and keep is None:  # the masks need each example's index
             keep = np.ones_like(labelled)
         if keep is None and num_shards > 1:  # exact even ranges: each pipeline knows its length

@@ -263,6 +263,21 @@ def test_a_tfds_dataset(config, tmp_path):
     theirs = [np.repeat(x.numpy(), 3, axis=-1).tobytes() for x, _ in tfds.load(
         'tiny_grey_images', data_dir=str(tmp_path), split='train', as_supervised=True)]
     assert ours == theirs
+    # The held-out parts: a fifth of each class, as the folder's, read through the masks.
+    from simclr_tf import linear
+    labels = np.array([y for _, y in theirs_labels(tmp_path)])
+    fit, held = linear.validation_split(labels)
+    held_cfg = cfg.replace(eval_split='train[validation]', train_split='train[fit]')
+    assert data.dataset_info(held_cfg) == data.DatasetInfo(3, len(fit), len(held), ('p', 'q', 'r'))
+    read = [x.numpy().tobytes() for x, _ in data.examples(cfg, 'train[validation]')]
+    assert read == [ours[i] for i in held]
+    with pytest.raises(data.DataError, match=r'take a whole TFDS split'):
+        data.dataset_info(cfg.replace(eval_split='train[validation]+test'))
+
+
+def theirs_labels(data_dir):
+    return tfds.as_numpy(tfds.load('tiny_grey_images', data_dir=str(data_dir), split='train',
+                                   as_supervised=True))
 
 
 def _assert_pipelines_split_the_examples(cfg: Config, total: int):
@@ -374,3 +389,19 @@ def test_distillation_reads_every_example_with_labels_only_in_the_subset(config,
     bank = np.concatenate([y.numpy() for _, y in data.build_dataset(
         cfg.replace(eval_split='train'), False, labelled_only=True)])
     assert len(bank) == len(subset) and bank.sum() == len(subset)
+
+
+def test_held_out_parts_of_a_folder_split_are_the_linear_protocols_validation(sample_dir):
+    from simclr_tf import linear, sources
+    source = sources.open_source(sample_dir, None)
+    labels = source.labels('train')
+    fit, held = linear.validation_split(labels)
+    np.testing.assert_array_equal(source.labels('train[validation]'), labels[held])
+    np.testing.assert_array_equal(source.labels('train[fit]'), labels[fit])
+    assert source.num_examples('train[validation]') == 200  # a fifth of each class of 100
+    assert np.all(np.bincount(source.labels('train[validation]')) == 20)
+    paths = lambda split: {p.numpy() for p, _ in source.read(split, 1, 0)[0]}  # noqa: E731
+    assert not paths('train[fit]') & paths('train[validation]')
+    assert paths('train[fit]') | paths('train[validation]') == paths('train')
+    with pytest.raises(sources.DataError, match=r"cannot parse 'train\[heldout\]'"):
+        source.num_examples('train[heldout]')
