@@ -267,9 +267,10 @@ class _TfdsSource:
                             f'{self.builder.data_dir}. Without network access it cannot be '
                             'downloaded; prepare it elsewhere (tfds build) and pass its --data_dir')
         info = self.builder.info
-        if not info.supervised_keys:
+        keys = info.supervised_keys or image_label_keys(info.features)
+        if not keys:
             raise DataError(f'{self.description} has no (image, label) supervised keys')
-        self.image_key, self.label_key = info.supervised_keys[:2]
+        self.image_key, self.label_key = keys[:2]
         labels = info.features[self.label_key]
         self.num_classes = labels.num_classes
         self.class_names = tuple(labels.names) if labels.names else None
@@ -437,6 +438,16 @@ def decode_crops(encoded: tf.Tensor, draw: Callable[[tf.Tensor, tf.Tensor], tupl
 
 
 @functools.lru_cache(maxsize=16)
+def image_label_keys(features) -> Optional[tuple[str, str]]:
+    """('image', 'label') for a TFDS builder that declares no supervised keys (DTD, SUN397) but
+    has an image and a single class label under those names; else None."""
+    names = set(features.keys())
+    if ({'image', 'label'} <= names and isinstance(features['image'], tfds.features.Image)
+            and isinstance(features['label'], tfds.features.ClassLabel)):
+        return 'image', 'label'
+    return None
+
+
 def open_source(dataset: str, data_dir: Optional[str]):
     """The source `--dataset` names: an image folder (a directory) or a TFDS builder, checked;
     one object a process."""
