@@ -173,6 +173,8 @@ def probe(fn: FeatureFn, config: Config, linear_epochs: int = 100, linear_min_st
 
 
 def _main(argv: Optional[list[str]] = None) -> None:
+    from simclr_tf import logs
+    logs.setup()  # as quiet as the program (takes effect once TensorFlow is imported after it)
     parser = argparse.ArgumentParser(prog='python -m simclr_tf.probe',
                                      description=__doc__.split('\n')[0])
     parser.add_argument('--model', help='model_dir, checkpoint prefix or SavedModel directory')
