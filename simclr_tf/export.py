@@ -19,8 +19,11 @@ signature (inference mode) returns the same named outputs for TF Serving and
 and `call_training_endpoint`; `examples/finetune_keras3.py` fine-tunes an export with `model.fit`.
 
 `trainable=True` updates the loaded object's BN moving averages in place (as training does):
-one call on a bad batch (NaN, or images in [0, 255]) changes every later `trainable=False`
-output of that loaded object. Reload the export to get its saved statistics back.
+one call on an odd batch changes every later `trainable=False` output of that loaded object.
+Reload the export to get its saved statistics back. Images with values outside [0, 1] (beyond
+`RANGE_MARGIN`: [0, 255] or [-1, 1] images) or NaN are refused before the model runs, by an
+assertion in the graph: an error wherever the export is called (eagerly, in a tf.function, in
+tf.data, in Keras' `fit`). XLA drops assertions, so a jit-compiled caller is not checked.
 
 `regularization_losses` holds one callable: the L2 weight decay as the training code adds it
 to the loss for a non-LARS optimizer (`optim.weight_decay_loss`: `weight_decay` × Σ ||w||²/2 over
@@ -61,23 +64,35 @@ SIGNATURE = 'serving_default'
 # Wrong dtypes a caller is likely to pass (raw uint8 pixels, other floats): traced as functions
 # that fail with a message saying what to do, instead of TensorFlow's "no matching function".
 _WRONG_DTYPES = (tf.uint8, tf.int32, tf.int64, tf.float16, tf.bfloat16, tf.float64)
+# How far outside [0, 1] an image may reach: resizing overshoots (tf.image.resize of [0, 1]
+# pixel noise to 224 px reaches -0.19 to 1.15 bicubic, -0.43 to 1.49 lanczos5; a sharp edge
+# 0.07 and 0.13 past the ends). [0, 255] and [-1, 1] images are refused.
+RANGE_MARGIN = 0.5
 # The call forms a loaded export accepts: the authors' `trainable`, or Keras' `training`.
 _CALL_MODES = ({'trainable': False}, {'trainable': True}, {'training': False}, {'training': True})
 
 
 def _check_images(images: tf.Tensor) -> tf.Tensor:
-    """Fails with a clear message unless images are [N, H, W, 3]; returns them with that shape.
+    """Fails with a clear message unless images are [N, H, W, 3] with values in [0, 1] (give or
+    take RANGE_MARGIN); returns them with that shape.
 
-    The check runs at call time (any rank is traced). The images then pass through a `tf.cond`
-    whose other branch has another shape: static shape inference of a loaded function called with
-    a wrong shape then sees an unknown shape, instead of failing before the check with a message
-    about an internal op. (The assert stays outside the cond: a stateful op inside its branches
-    makes grappler warn on every call.)
+    The checks run at call time (any rank is traced), before the model: a `trainable=True` call
+    on images of another scale would already have moved the BN statistics. The images then pass
+    through a `tf.cond` whose other branch has another shape: static shape inference of a loaded
+    function called with a wrong shape then sees an unknown shape, instead of failing before the
+    check with a message about an internal op. (The asserts stay outside the cond: a stateful op
+    inside its branches makes grappler warn on every call.)
     """
     shape = tf.shape(images)
     ok = tf.logical_and(tf.equal(tf.rank(images), 4), tf.reduce_all(tf.equal(shape[-1:], 3)))
     message = 'images must be float32 [N, H, W, 3] (RGB, values in [0, 1]); got shape'
     with tf.control_dependencies([tf.debugging.Assert(ok, [message, shape])]):
+        low, high = tf.reduce_min(images), tf.reduce_max(images)
+    in_range = tf.logical_or(tf.equal(tf.size(images), 0), tf.logical_and(
+        low >= -RANGE_MARGIN, high <= 1 + RANGE_MARGIN))  # NaN is out of range too
+    range_message = ('images must have values in [0, 1] (float32 RGB; [0, 255] images divided '
+                     'by 255, [-1, 1] images mapped by (x + 1) / 2); got values from')
+    with tf.control_dependencies([tf.debugging.Assert(in_range, [range_message, low, 'to', high])]):
         images = tf.cond(ok, lambda: tf.identity(images), lambda: tf.zeros([1, 1, 1, 3]))
     return tf.ensure_shape(images, [None, None, None, 3])
 

@@ -15,7 +15,11 @@ renamed input names). `setup` hides those unless the user asks for them:
   every library stay, as do all lines of this program.
 
 Call `setup` before anything imports TensorFlow: it imports TensorFlow and discovers the devices
-itself, with the start-up notices filtered out of stderr.
+itself, with the start-up notices filtered out of stderr. Every console command calls it first:
+the program (`simclr_tf_cli`, after absl parsed `--verbosity`), `simclr-tf-probe` and
+`simclr-tf-augment` (whose modules therefore import TensorFlow only after it). The test session
+imports TensorFlow through `import_tensorflow_quietly` (tests/conftest.py), the same without the
+filter on Python INFO records, which tests of logging read.
 """
 
 from __future__ import annotations
@@ -44,19 +48,27 @@ _CUINIT = 'failed call to cuInit'
 
 def setup(verbosity: int = 0) -> None:
     """Sets TensorFlow's logging as described in the module docstring, then imports TensorFlow."""
-    verbose = verbosity >= 1
-    user_level = 'TF_CPP_MIN_LOG_LEVEL' in os.environ
-    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '0' if verbose else '2')
-    if verbose:
+    if verbosity >= 1:
+        os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '0')
         _import_tensorflow()
         return
     from absl import logging as absl_logging
-    absl_logging.get_absl_handler().addFilter(_library_info_filter())
-    if user_level:
+    handler = absl_logging.get_absl_handler()
+    if not any(isinstance(f, _LibraryInfo) for f in handler.filters):  # once a process
+        handler.addFilter(_LibraryInfo())
+    import_tensorflow_quietly()
+
+
+def import_tensorflow_quietly() -> None:
+    """Imports TensorFlow and discovers the devices with C++ INFO and WARNING lines off and the
+    start-up notices dropped; a `TF_CPP_MIN_LOG_LEVEL` the user set is left as it is, unfiltered.
+    """
+    if 'TF_CPP_MIN_LOG_LEVEL' in os.environ:
         _import_tensorflow()
-    else:
-        with _filtered_stderr(_drop_notices):
-            _import_tensorflow()
+        return
+    os.environ['TF_CPP_MIN_LOG_LEVEL'] = '2'
+    with _filtered_stderr(_drop_notices):
+        _import_tensorflow()
 
 
 def _import_tensorflow() -> None:
@@ -64,22 +76,22 @@ def _import_tensorflow() -> None:
     tf.config.list_physical_devices()  # device discovery: where the cuInit failure is logged
 
 
-def _library_info_filter() -> logging.Filter:
+class _LibraryInfo(logging.Filter):
     """Drops records below WARNING that TensorFlow's, Keras' or TFDS' own code logs (through
     absl's logger, which this program shares, or `tf.get_logger()`: both reach absl's handler);
     recognised by the file that logs them."""
-    roots = []
-    for name in ('tensorflow', 'keras', 'tf_keras', 'tensorflow_datasets'):
-        spec = importlib.util.find_spec(name)  # finds, does not import
-        if spec is not None and spec.submodule_search_locations:
-            roots += [os.path.join(path, '') for path in spec.submodule_search_locations]
 
-    class LibraryInfo(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return record.levelno >= logging.WARNING or not record.pathname.startswith(
-                tuple(roots))
+    def __init__(self) -> None:
+        super().__init__()
+        roots = []
+        for name in ('tensorflow', 'keras', 'tf_keras', 'tensorflow_datasets'):
+            spec = importlib.util.find_spec(name)  # finds, does not import
+            if spec is not None and spec.submodule_search_locations:
+                roots += [os.path.join(path, '') for path in spec.submodule_search_locations]
+        self.roots = tuple(roots)
 
-    return LibraryInfo()
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(self.roots)
 
 
 def _drop_notices(lines: list[str]) -> list[str]:

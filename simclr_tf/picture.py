@@ -7,11 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-import numpy as np
-import tensorflow as tf
-from PIL import Image
-
-from simclr_tf import augment, data
+from simclr_tf import logs
 from simclr_tf.config import Config
 
 
@@ -33,16 +29,32 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument('--brightness', default='multiplicative')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
+    logs.setup()  # as quiet as the program: before anything imports TensorFlow
     config = Config(dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
                     color_jitter_strength=args.color_jitter_strength, use_blur=args.use_blur,
                     augmentations=args.augmentations, brightness=args.brightness,
                     seed=args.seed, train_split=args.split, use_tpu=False).validate()
+    count = write_grid(config, args.split, args.n, args.columns, args.scale, args.out)
+    print(f'wrote {args.out}: {count} images, each source | view 1 | view 2; '
+          f'augmentations={config.augmentations} use_blur={config.use_blur} '
+          f'color_jitter_strength={config.color_jitter_strength} seed={config.seed}')
+
+
+def write_grid(config: Config, split: str, n: int, columns: int, scale: int, out: str) -> int:
+    """Up to n source images of `split` and two views of each (seeded by config.seed) as a PNG
+    grid of `columns` pairs a row; returns how many sources it shows. TensorFlow is imported
+    here, after `logs.setup`: it prints its start-up notices at import."""
+    import numpy as np
+    import tensorflow as tf
+    from PIL import Image
+
+    from simclr_tf import augment, data
 
     # Spread the picks over the split rather than taking the first files.
     total = data.dataset_info(config, need_eval=False).num_train_examples
-    picks = data.examples(config, args.split).shard(max(total // args.n, 1), 0).take(args.n)
+    picks = data.examples(config, split).shard(max(total // n, 1), 0).take(n)
     sources = [image for image, _ in picks]
-    seeds = tf.random.experimental.stateless_split(tf.constant([args.seed, 0], tf.int64),
+    seeds = tf.random.experimental.stateless_split(tf.constant([config.seed, 0], tf.int64),
                                                    2 * len(sources) + 1)
     views = [tf.stack([augment.preprocess_for_pretrain(x, config, seeds[2 * i + v])
                        for i, x in enumerate(sources)]) for v in (0, 1)]
@@ -52,16 +64,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         row = [augment.preprocess_for_eval(source, config), views[0][i], views[1][i]]
         cells.append(np.concatenate([np.pad(r.numpy(), [[1, 1], [1, 1], [0, 0]], constant_values=1)
                                      for r in row], axis=1))
-    cells += [np.ones_like(cells[0])] * (-len(cells) % args.columns)
+    cells += [np.ones_like(cells[0])] * (-len(cells) % columns)
     gap = np.ones_like(cells[0][:, :4])
-    rows = [np.concatenate(sum(([c, gap] for c in cells[r:r + args.columns]), [])[:-1], axis=1)
-            for r in range(0, len(cells), args.columns)]
+    rows = [np.concatenate(sum(([c, gap] for c in cells[r:r + columns]), [])[:-1], axis=1)
+            for r in range(0, len(cells), columns)]
     grid = np.concatenate(sum(([r, np.ones_like(r[:4])] for r in rows), [])[:-1], axis=0)
-    grid = np.kron(grid, np.ones([args.scale, args.scale, 1]))
-    Image.fromarray(np.round(grid * 255).astype(np.uint8)).save(args.out, optimize=True)
-    print(f'wrote {args.out}: {len(sources)} images, each source | view 1 | view 2; '
-          f'augmentations={config.augmentations} use_blur={config.use_blur} '
-          f'color_jitter_strength={config.color_jitter_strength} seed={config.seed}')
+    grid = np.kron(grid, np.ones([scale, scale, 1]))
+    Image.fromarray(np.round(grid * 255).astype(np.uint8)).save(out, optimize=True)
+    return len(sources)
 
 
 if __name__ == '__main__':

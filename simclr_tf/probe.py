@@ -79,6 +79,8 @@ def probe(encoder: features.Encoder, config: Config, output: str = features.H,
 
 
 def _main(argv: Optional[list[str]] = None) -> None:
+    from simclr_tf import logs
+    logs.setup()  # as quiet as the program (takes effect once TensorFlow is imported after it)
     parser = argparse.ArgumentParser(prog='python -m simclr_tf.probe',
                                      description=__doc__.split('\n')[0])
     parser.add_argument('--model', help='model_dir, checkpoint prefix or export of this project, '

@@ -2,9 +2,15 @@
 
 import os
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+import pytest
 
-import pytest  # noqa: E402
+from simclr_tf import logs
+
+# TensorFlow prints start-up notices to file descriptor 2 at import. In the process that runs
+# the tests, pytest catches them and gives them back at exit, so without this they follow
+# pytest's summary; with two workers (pytest.ini) that is the controller, which runs no test.
+logs.import_tensorflow_quietly()
+
 import tensorflow as tf  # noqa: E402
 
 # Must run before TensorFlow initialises its devices, i.e. before any test touches a tensor.

@@ -49,6 +49,64 @@ def test_quickstart_prints_its_own_lines_and_no_tensorflow_chatter(tmp_path):
     assert sources and sources <= ours, sources - ours
 
 
+# What the tools and the test run must not print either: C++ log lines (start-up notices, XLA's
+# INFO lines) and TensorFlow's retracing warning.
+_CPP_LINE = re.compile(r'^[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\]', re.MULTILINE)
+RETRACING = 'triggered tf.function retracing'
+
+
+def _users_environment() -> dict:
+    """This environment as a user's shell has it: no TensorFlow logging variable set, nothing of
+    the pytest run this test is part of."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(('TF_CPP_', 'PYTEST_'))}
+
+
+def _assert_quiet(done: subprocess.CompletedProcess) -> None:
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert not [c for c in CHATTER + [RETRACING] if c in output], output[-3000:]
+    assert not _CPP_LINE.findall(output), output[-3000:]
+
+
+# The console commands other than the program, each with a short job, and a line of its output.
+TOOLS = {
+    'simclr-tf-augment': (['-m', 'simclr_tf.picture', '--n=2', '--columns=2',
+                           '--out={tmp}/views.png'], 'wrote {tmp}/views.png: 2 images'),
+    'simclr-tf-probe': (['-m', 'simclr_tf.probe', '--pixels', '--image_size=32',
+                         '--train_split=train[:100]', '--eval_split=test[:40]',
+                         '--linear_epochs=1', '--linear_min_steps=1'], '"features": "pixels"'),
+}
+
+
+@pytest.mark.parametrize('tool', [
+    'simclr-tf-augment',
+    pytest.param('simclr-tf-probe', marks=pytest.mark.xfail(strict=True, reason=(
+        'probe.py imports TensorFlow at module level, before _main calls logs.setup, and builds '
+        'a new tf.function per fit (_fit_softmax: the retracing warning); the rewrite of '
+        'probe.py fixes both, then this mark goes'))),
+])
+def test_every_console_command_is_as_quiet_as_the_program(tool, sample_dir, tmp_path):
+    args, expected = TOOLS[tool]
+    done = subprocess.run(
+        [sys.executable, *[a.format(tmp=tmp_path) for a in args], f'--dataset={sample_dir}'],
+        cwd=REPO, env=_users_environment(), capture_output=True, text=True, timeout=600)
+    assert expected.format(tmp=tmp_path) in done.stdout, done.stdout + done.stderr[-3000:]
+    _assert_quiet(done)
+
+
+def test_the_test_run_ends_with_pytests_summary():
+    """The README's test command cut to one quick test on one worker: as with pytest.ini's two,
+    a controller process imports TensorFlow (tests/conftest.py) and runs no test, and pytest
+    writes what it caught of its stderr after the summary."""
+    done = subprocess.run(
+        [sys.executable, '-m', 'pytest', '-q', '-n', '1', '-p', 'no:cacheprovider',
+         'tests/test_config.py::test_defaults_are_the_originals'],
+        cwd=REPO, env=_users_environment(), capture_output=True, text=True, timeout=600)
+    _assert_quiet(done)
+    assert re.match(r'^1 passed in ', done.stdout.strip().splitlines()[-1]), done.stdout
+    assert not done.stderr.strip(), done.stderr[-3000:]
+
+
 def test_notices_are_dropped_and_everything_else_kept():
     lines = [
         'WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n',
@@ -74,8 +132,11 @@ def test_stderr_filter_sees_what_cpp_code_writes(capfd):
 
 @pytest.fixture
 def absl_handler_filters():
+    """absl's handler without filters during the test (an in-process command may have added
+    one), with its filters back after it."""
     handler = absl_logging.get_absl_handler()
     before = list(handler.filters)
+    handler.filters[:] = []
     yield handler
     handler.filters[:] = before
 

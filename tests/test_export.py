@@ -219,6 +219,49 @@ def test_serving_signature_names_bad_input(loaded, bad, message):
         loaded.signatures['serving_default'](images=tf.constant(bad))
 
 
+def _out_of_range(images: np.ndarray) -> dict[str, np.ndarray]:
+    nan = images.copy()
+    nan[0, 0, 0, 0] = np.nan
+    return {'[0, 255]': images * 255, '[-1, 1]': images * 2 - 1, 'NaN': nan}
+
+
+@pytest.mark.parametrize('scale', ['[0, 255]', '[-1, 1]', 'NaN'])
+def test_images_outside_0_1_are_refused_wherever_the_export_runs(exported, loaded, scale):
+    """Eagerly, inside the caller's tf.function (graph mode), through serving_default, and in
+    training mode before BN's moving statistics move."""
+    bad = tf.constant(_out_of_range(exported[3]['x4'])[scale])
+    message = r'images must have values in \[0, 1\]'
+    graph = tf.function(lambda x: loaded(x, trainable=False)['final_avg_pool'])
+    statistics = [v.numpy() for v in loaded.variables if not v.trainable]
+    for call in (lambda x: loaded(x, trainable=False), graph,
+                 lambda x: loaded.signatures['serving_default'](images=x),
+                 lambda x: loaded(x, trainable=True)):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            call(bad)
+    assert statistics and all(np.array_equal(v.numpy(), s) for v, s in
+                              zip([v for v in loaded.variables if not v.trainable], statistics))
+
+
+def test_a_jit_compiled_caller_is_not_checked(exported, loaded):
+    """What docs/evaluation.md says: XLA drops assertions, so under jit_compile the export runs
+    on whatever it is given."""
+    bad = tf.constant(_out_of_range(exported[3]['x4'])['[0, 255]'])
+    compiled = tf.function(lambda x: loaded(x, trainable=False)['final_avg_pool'],
+                           jit_compile=True)
+    assert compiled(bad).shape[0] == 4
+
+
+def test_resized_images_a_little_outside_0_1_are_taken(exported, loaded):
+    """Resizing overshoots [0, 1] (bicubic: about 0.07 past the ends at a sharp edge): such
+    images are the model's input as they are, not refused."""
+    images = tf.image.resize(exported[3]['x4'], [48, 48], method='bicubic')
+    low, high = float(tf.reduce_min(images)), float(tf.reduce_max(images))
+    assert low < 0 or high > 1  # the resize did overshoot
+    assert -export.RANGE_MARGIN < low and high < 1 + export.RANGE_MARGIN
+    h = loaded(images, trainable=False)['final_avg_pool']
+    assert h.shape[0] == 4 and bool(tf.reduce_all(tf.math.is_finite(h)))
+
+
 def test_load_rejects_what_is_not_an_export(exported, tmp_path):
     config = exported[0]
     with pytest.raises(FileNotFoundError, match='does not exist'):
