@@ -21,12 +21,18 @@ import contextlib
 import json
 import sys
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from simclr_tf import data, evaluate, features, linear
+from simclr_tf import linear
 from simclr_tf.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from simclr_tf import features
+
+# TensorFlow (through data, evaluate and features) is imported inside the functions, so that the
+# command imports it only after `logs.setup`, which hides its start-up notices.
 
 
 def knn_accuracies(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
@@ -37,6 +43,7 @@ def knn_accuracies(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     Centring (subtracting the train features' mean from both sets) matters for features that
     are all positive, such as raw pixels or post-ReLU h: uncentred, every pair of them has a high
     cosine similarity, which blunts the neighbour ranking."""
+    from simclr_tf import evaluate
     mean = train_x.mean(0, keepdims=True)
     result = {}
     for name, (train, test) in {'': (train_x, test_x),
@@ -56,9 +63,10 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                            (test_x, test_y), num_classes, grid)
 
 
-def probe(encoder: features.Encoder, config: Config, output: str = features.H,
+def probe(encoder: features.Encoder, config: Config, output: str = 'final_avg_pool',
           grid: tuple[float, ...] = linear.PAPER_GRID) -> dict:
     """kNN and linear accuracies on eval_split of features fitted on train_split."""
+    from simclr_tf import data, features
     num_classes = data.dataset_info(config).num_classes
     t0 = time.time()
     train, train_y = features.extract(encoder, config, config.train_split, (output,))
@@ -99,7 +107,7 @@ def _main(argv: Optional[list[str]] = None) -> None:
                         help='size of the log-spaced l2 grid from 1e-6 to 1e5 of the linear '
                         "classifier (default 45, the paper's)")
     parser.add_argument('--seed', type=int, default=0, help='of --random_init')
-    parser.add_argument('--output', default=features.H,
+    parser.add_argument('--output', default='final_avg_pool',
                         help='which named output to probe: final_avg_pool (h, default) or '
                              'proj_head_output (z), or any other the model returns')
     parser.add_argument('--out', help='also write the JSON result here')
@@ -109,6 +117,7 @@ def _main(argv: Optional[list[str]] = None) -> None:
     if args.pixels and not (args.dataset and args.image_size):
         parser.error('--dataset and --image_size are required with --pixels')
     with cli_errors():
+        from simclr_tf import features
         if args.pixels:
             encoder, output = features.pixels(args.image_size), features.PIXELS
         else:
@@ -135,7 +144,10 @@ def cli_errors():
     """Bad input to a console command: `error: <one line>` and status 2, no traceback."""
     try:
         yield
-    except (ConfigError, data.DataError) as e:
+    except Exception as e:  # noqa: BLE001 - bad input in one line, anything else as it is
+        from simclr_tf.sources import DataError
+        if not isinstance(e, (ConfigError, DataError)):
+            raise
         print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
         sys.exit(2)
 
