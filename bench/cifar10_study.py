@@ -28,6 +28,9 @@ Stages:
                the findings one epoch is too short for: the head (Figure 8) and colour strength
                at 8 epochs, batch size x epochs (Figure 9), model width against supervised
                training (Figure 7); arms of the main run's recipe (bench/findings.py)
+  transfer     the main run, the same network trained supervised and randomly initialised,
+               transferred to CIFAR-100, Flowers-102, Caltech-101 and DTD (10 classes), linear
+               and fine-tuned (bench/transfer_study.py; --transfer_data)
 Every ablation arm pretrains for --arm_steps with the study's flags and seed, then is probed with
 kNN and linear fitted on --arm_probe_split and tested on the whole test split.
 
@@ -49,6 +52,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when run through runpy
 import fewlabel  # noqa: E402
 import findings  # noqa: E402
+import transfer_study  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,11 +100,14 @@ def main() -> None:
                         "one's held-out part chooses the supervised learning rate")
     parser.add_argument('--distill_epochs', type=float, default=3,
                         help='fewlabel: epochs of distillation over the 50,000 train images')
+    parser.add_argument('--transfer_data', default=os.path.join(REPO, '..', 'shared', 'data',
+                                                                'transfer'),
+                        help='transfer: the folder of cifar100/flowers102/caltech101/dtd10.tar.gz')
     parser.add_argument('--out', default=os.path.join(REPO, 'bench', 'results',
                                                       'cifar10_study.json'))
     args = parser.parse_args()
     unknown = set(args.stages.split(',')) - {'pretrain', 'curve', 'probe', 'pixels', 'fewlabel',
-                                             'fewlabel_supervised', 'supervised_lr',
+                                             'fewlabel_supervised', 'supervised_lr', 'transfer',
                                              *findings.STAGES, *ABLATIONS}
     if unknown:
         parser.error(f'unknown stages: {", ".join(sorted(unknown))}')
@@ -143,6 +150,9 @@ def main() -> None:
             if stage == 'fewlabel':
                 print(fewlabel.table(summary), flush=True)
     findings.run(study, stages, data, args.work, args.main_flagfile)
+    if 'transfer' in stages:
+        lr = findings.supervised_lr(study, findings.supervised_command(data), args.work)
+        transfer_study.run(study, data, args.work, args.transfer_data, simclr_dir, main, lr)
     recipe = flagfile_values(os.path.join(REPO, args.flagfile))
     for stage, arms in ABLATIONS.items():
         if stage not in stages:

@@ -75,7 +75,7 @@ def run(study, stages: list[str], data: str, work: str, main_flagfile: str) -> N
     """Trains, then probes, the arms of each requested stage; notes the arms in the record."""
     python = sys.executable
     simclr = [python, 'run.py', f'--flagfile={main_flagfile}', f'--dataset={data}']
-    supervised = [python, 'run.py', '--flagfile=flags/cifar10_supervised.cfg', f'--dataset={data}']
+    supervised = supervised_command(data)
     probe = [python, '-m', 'simclr_tf.probe', f'--dataset={data}', '--train_split=train']
     lr = None
     if 'supervised_lr' in stages or any(a['supervised'] for s in stages for a in STAGES.get(s, ())):
@@ -104,6 +104,12 @@ def run(study, stages: list[str], data: str, work: str, main_flagfile: str) -> N
                     runs['z' if output == Z else 'h'] = key
             index.setdefault(stage, {})[name(a)] = {**a, **runs}
         study.note('findings', {**study.record.get('findings', {}), stage: index[stage]})
+
+
+def supervised_command(data: str) -> list[str]:
+    """run.py with the study's supervised recipe on `data` (the driver adds lr and epochs)."""
+    return [sys.executable, 'run.py', '--flagfile=flags/cifar10_supervised.cfg',
+            f'--dataset={data}']
 
 
 def supervised_lr(study, supervised: list[str], work: str) -> float:
