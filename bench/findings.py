@@ -2,7 +2,8 @@
 supervised_lr,head_long,color_long,batch,width`), each at a budget of several epochs:
 
   head_long   projection head none / linear / nonlinear of 2 layers (the paper's) / nonlinear of
-              3 layers (SimCLRv2's, the authors' default), 2 seeds, probed on h and on z (Figure 8)
+              3 layers (SimCLRv2's, the authors' default), 2 seeds, probed on h and on z, and
+              evaluated as the authors' code does (the linear head trained alongside) (Figure 8)
   color_long  colour strength 0.5 (the authors' CIFAR recipe) against 1.0 (the paper's ImageNet
               default), 2 seeds (Table 1, at length)
   batch       batch 128 / 256 / 512 (LARS lr 1.0 x B/256) x 2 and 8 epochs, seed 0, and seed 1 on
@@ -102,6 +103,12 @@ def run(study, stages: list[str], data: str, work: str, main_flagfile: str) -> N
                                              f'--output={output}', f'--out={out}'],
                                out, after=(name(a),))
                     runs['z' if output == Z else 'h'] = key
+                if stage == 'head_long':  # the authors' own measure: the head trained alongside
+                    key, model_dir = f'eval_{name(a)}', os.path.join(work, name(a))
+                    study.step(key, simclr + flags(a) + [f'--model_dir={model_dir}',
+                                                         '--mode=eval', '--eval_timeout=1'],
+                               os.path.join(model_dir, 'result.json'), after=(name(a),))
+                    runs['alongside'] = key
             index.setdefault(stage, {})[name(a)] = {**a, **runs}
         study.note('findings', {**study.record.get('findings', {}), stage: index[stage]})
 
