@@ -134,6 +134,13 @@ def main() -> None:
         print('\n'.join(table([(arm + (' (z)' if output == Z else ''), r)
                                for arm, output, r in arms])))
         ablation_plot(stage, arms, os.path.join(args.out, f'cifar10_{stage}.png'))
+    import findings_plots
+    for stage, (table_of, plot) in findings_plots.TABLES.items():
+        if stage in study.get('findings', {}):
+            print(f'\n{stage}:')
+            print('\n'.join(table_of(study)))
+            if plot:
+                plot(study, os.path.join(args.out, f'cifar10_{stage}.png'))
 
 
 if __name__ == '__main__':
