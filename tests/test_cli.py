@@ -18,7 +18,7 @@ from simclr_tf import logs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = {'simclr-tf': 'simclr_tf_cli:cli', 'simclr-tf-probe': 'simclr_tf.probe:_main',
-            'simclr-tf-augment': 'simclr_tf.picture:main'}
+            'simclr-tf-augment': 'simclr_tf.picture:main', 'simclr-tf-show': 'simclr_tf.show:main'}
 # What a CPU-only run printed before (C++ start-up notices, checkpoint and export INFO lines).
 CHATTER = ['absl::InitializeLog', 'cudart_stub', 'Could not find cuda drivers', 'cuInit',
            'oneDNN custom operations', 'cpu_feature_guard', 'Sharding callback duration',

@@ -31,8 +31,9 @@ SETUP_COMMANDS = [
 NOT_USERS_PATHS = ['../shared', '/work/', 'authors_simclr']
 
 ABSL_BENCH = {'bench/throughput.py', 'bench/profile_step.py'}  # take run.py's flags
-MODULES = {'simclr_tf.probe', 'simclr_tf.convert', 'simclr_tf.picture'}  # argparse
-COMMANDS = {'simclr-tf-probe': 'simclr_tf.probe', 'simclr-tf-augment': 'simclr_tf.picture'}
+MODULES = {'simclr_tf.probe', 'simclr_tf.convert', 'simclr_tf.picture', 'simclr_tf.show'}
+COMMANDS = {'simclr-tf-probe': 'simclr_tf.probe', 'simclr-tf-augment': 'simclr_tf.picture',
+            'simclr-tf-show': 'simclr_tf.show'}
 OPTIONAL = ['matplotlib']  # what the documented command installs first (bench/plots.py)
 NOT_CHECKED = [['python3', '-m', 'venv'], ['python', '-m', 'pytest'], ['python', '-m', 'pip'],
                ['pip']]
