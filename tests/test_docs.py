@@ -31,9 +31,10 @@ SETUP_COMMANDS = [
 NOT_USERS_PATHS = ['../shared', '/work/', 'authors_simclr']
 
 ABSL_BENCH = {'bench/throughput.py', 'bench/profile_step.py'}  # take run.py's flags
-MODULES = {'simclr_tf.probe', 'simclr_tf.convert', 'simclr_tf.picture', 'simclr_tf.show'}
+MODULES = {'simclr_tf.probe', 'simclr_tf.convert', 'simclr_tf.picture', 'simclr_tf.show',
+           'simclr_tf.transfer'}
 COMMANDS = {'simclr-tf-probe': 'simclr_tf.probe', 'simclr-tf-augment': 'simclr_tf.picture',
-            'simclr-tf-show': 'simclr_tf.show'}
+            'simclr-tf-show': 'simclr_tf.show', 'simclr-tf-transfer': 'simclr_tf.transfer'}
 OPTIONAL = ['matplotlib']  # what the documented command installs first (bench/plots.py)
 NOT_CHECKED = [['python3', '-m', 'venv'], ['python', '-m', 'pytest'], ['python', '-m', 'pip'],
                ['pip']]
