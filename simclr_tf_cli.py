@@ -13,18 +13,12 @@ The program's one module of absl flags, outside the `simclr_tf` package, which r
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import typing
 from typing import Optional
 
 from absl import app, flags, logging
-
-# oneDNN kernels: TensorFlow turns them on by itself only on some Intel CPUs; on AMD CPUs they
-# train much faster than its default kernels (docs/benchmarks.md). Set TF_ENABLE_ONEDNN_OPTS=0
-# to turn them off. Must be set before TensorFlow is imported.
-os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '1')
 
 from simclr_tf.config import Config, ConfigError
 

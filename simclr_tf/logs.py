@@ -72,6 +72,10 @@ def import_tensorflow_quietly() -> None:
 
 
 def _import_tensorflow() -> None:
+    # oneDNN kernels: TensorFlow turns them on by itself only on some Intel CPUs; on AMD CPUs they
+    # train and extract features much faster than its default kernels (docs/benchmarks.md). Every
+    # command imports TensorFlow here first; TF_ENABLE_ONEDNN_OPTS=0 turns them off.
+    os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '1')
     import tensorflow as tf
     tf.config.list_physical_devices()  # device discovery: where the cuInit failure is logged
 
