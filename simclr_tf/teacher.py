@@ -38,7 +38,7 @@ class Source:
 def open_source(path: str) -> Source:
     """What `--teacher=path` holds, read without building a model; ConfigError if nothing fit."""
     # An export, or a model_dir with exports and no checkpoint: its newest export.
-    saved = None if checkpoint.list_checkpoints(path) else authors.find_saved_model(path)
+    saved = None if model_dir_lib.list_checkpoints(path) else authors.find_saved_model(path)
     if saved and tf.io.gfile.exists(os.path.join(saved, 'assets.extra', 'config.json')):
         return _export(saved)
     try:
@@ -73,9 +73,11 @@ def check(config: Config, num_classes: int) -> Source:
     return source
 
 
-def build(config: Config, num_classes: int, strategy: tf.distribute.Strategy) -> SimCLRModel:
-    """The frozen teacher with its weights, created in `strategy`'s scope."""
-    source = check(config, num_classes)
+def build(config: Config, num_classes: int, strategy: tf.distribute.Strategy,
+          source: Optional[Source] = None) -> SimCLRModel:
+    """The frozen teacher with its weights, created in `strategy`'s scope; `source`: as `check`
+    found it (default: checked now)."""
+    source = source or check(config, num_classes)
     with strategy.scope():
         model = build_model(source.config, num_classes)
     try:
