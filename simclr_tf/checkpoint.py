@@ -348,7 +348,8 @@ def _selection(config: Config, prefix: str, num_classes: Optional[int]
     if selected and not saved.parts & set(selected):
         raise ConfigError(f'checkpoint={prefix!r} holds none of this model\'s parts '
                           f'({", ".join(selected)})')
-    notes = [f'{p} not selected by --variable_schema' for p in selected if not selected[p]]
+    unselected = [p for p in selected if not selected[p]]
+    notes = [f'{", ".join(unselected)} not selected by --variable_schema'] if unselected else []
     for part in [p for p in selected if selected[p] and p not in saved.parts]:
         notes.append(f'no {part} in the checkpoint')
         selected[part] = []

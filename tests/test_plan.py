@@ -180,45 +180,56 @@ def _program_config(args) -> Config:
         flags.FLAGS.unparse_flags()
 
 
-def _documented_sample_commands():
-    """(where, args) of the documented program commands that run on the embedded sample, and of
-    those that read a model_dir such a command writes (eval, export)."""
+def _documented_sample_commands() -> tuple[list, list, set]:
+    """The documented program commands that run on the embedded sample: (where, args, config) of
+    those that read nothing another writes, of those that read a model_dir such a command writes
+    (eval, export, --checkpoint), and the model_dirs the training ones write."""
     import test_docs
-    sample, readers = [], []
-    for where, args in test_docs.RUN:
-        if '--helpfull' in args:
-            continue
-        config = test_docs.config_of(args)
-        if config.mode in ('eval', 'export'):
-            readers.append((where, args, config.model_dir))
-        elif config.dataset == SAMPLE:
-            sample.append((where, args, config.model_dir))
-    written = {d for _, _, d in sample}
-    return sample, [r for r in readers if r[2] in written]
+    parsed = [(where, args, test_docs.config_of(args)) for where, args in test_docs.RUN
+              if '--helpfull' not in args]
+    written = {c.model_dir for _, _, c in parsed
+               if c.dataset == SAMPLE and c.mode in plan.TRAINING}
+    alone, readers = [], []
+    for where, args, c in parsed:
+        if c.mode in ('eval', 'export') and c.model_dir in written:
+            readers.append((where, args, c))
+        elif c.dataset == SAMPLE:
+            (readers if {c.checkpoint, c.teacher} & written else alone).append((where, args, c))
+    return alone, readers, written
+
+
+def _in(dirs: dict, args: list) -> list:
+    """`args` with each documented model_dir (a flag's whole value) replaced by its test dir."""
+    out = []
+    for arg in args:
+        flag, _, value = arg.partition('=')
+        out.append(f'{flag}={dirs[value]}' if value in dirs else arg)
+    return out
 
 
 def test_dry_run_of_every_documented_sample_command_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    sample, readers = _documented_sample_commands()
-    assert len(sample) >= 2 and len(readers) >= 1, (sample, readers)
-    dirs = {}
-    for where, args, model_dir in sample:
-        target = dirs.setdefault(model_dir, str(tmp_path / f'run{len(dirs)}'))
-        args = [a.replace(model_dir, target) for a in args] + ['--dry_run']
-        assert program.run(_program_config(args)) is None, where
-        assert not os.path.exists(target), where  # not even created
-    # The readers (eval, export) on the quickstart's model_dir, trained here for one step.
-    assert {d for _, _, d in readers} == {'/tmp/simclr_quickstart'}, readers
+    alone, readers, written = _documented_sample_commands()
+    assert len(alone) >= 2 and len(readers) >= 2, (alone, readers)
+    dirs = {d: str(tmp_path / f'run{i}') for i, d in enumerate(sorted(written))}
+    for where, args, _ in alone:
+        assert program.run(_program_config(_in(dirs, args) + ['--dry_run'])) is None, where
+    assert not any(os.path.exists(d) for d in dirs.values())  # not even created
+    # The readers (eval, export, --checkpoint) of the quickstart's model_dir, trained here for a
+    # step.
+    assert {c.model_dir if c.mode in ('eval', 'export') else c.checkpoint
+            for _, _, c in readers} == {'/tmp/simclr_quickstart'}, readers
     target = dirs['/tmp/simclr_quickstart']
     quick = _program_config(['--flagfile=flags/quickstart.cfg', f'--model_dir={target}'])
     program.run(quick.replace(mode='train', train_steps=1))
     model_dir_lib.release_locks()
     before = _digest(target)
-    for where, args, model_dir in readers:
-        config = _program_config([a.replace(model_dir, target) for a in args] + ['--dry_run'])
-        assert (config.use_tpu, config.dataset, config.resnet_depth) == (False, SAMPLE, 18)
+    for where, args, _ in readers:
+        config = _program_config(_in(dirs, args) + ['--dry_run'])
+        assert (config.use_tpu, config.dataset) == (False, SAMPLE), where
         program.run(config)
         assert _digest(target) == before, where  # byte for byte
+        assert config.model_dir == target or not os.path.exists(config.model_dir), where
     # And for real: the README's export of the quickstart's model_dir.
     program.run(_program_config(['--mode=export', f'--model_dir={target}']))
     assert os.path.exists(os.path.join(target, 'saved_model', '1', 'saved_model.pb'))
