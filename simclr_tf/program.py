@@ -101,10 +101,13 @@ def prepare_model_dir(config: Config, start: Optional[plan_lib.StartPlan] = None
     """Claims model_dir for this run (the chief's job): creates it and takes the lock of its role
     (`.train.lock` for training, `.eval.lock` for eval and export). Training then moves an old run
     aside (--start_over) or removes an interrupted save's leftovers, and writes config.json and
-    the start plan (plan.txt). The config check is the plan's."""
+    the start plan (plan.txt). The config check is the plan's (and, for mode=eval, checked again
+    once a checkpoint is there: the training run may have written config.json since)."""
     tf.io.gfile.makedirs(config.model_dir)
     training = config.mode in plan_lib.TRAINING
     model_dir_lib.lock(config.model_dir, 'train' if training else 'eval')
+    if config.mode == 'eval':  # started before training wrote config.json: check it now
+        model_dir_lib.check_config(config, model_dir_lib.read_config(config.model_dir))
     if not training:
         return
     if config.start_over:

@@ -334,3 +334,20 @@ def test_eval_and_export_take_the_model_dirs_config_and_refuse_architecture_by_n
     assert 'eval_split' not in message and 'start_over' not in message
     # Training keeps its flags: the model_dir's values are checked, not taken.
     assert _program_config([f'--model_dir={d}', '--use_tpu=False']).resnet_depth == 50
+
+
+# ---------------------------------------------------------------- the structure the issue asked for
+def test_program_run_reads_top_to_bottom_and_faults_does_not_import_checkpoint():
+    import ast
+    import inspect
+    from simclr_tf import faults
+    source = inspect.getsource(program.run)
+    assert len(source.splitlines()) <= 40
+    order = [source.index(s) for s in ('plan_lib.resolve(', 'dry_run(', 'prepare_model_dir(',
+                                       'restore_newest(', 'train_then_eval(')]
+    assert order == sorted(order)
+    tree = ast.parse(inspect.getsource(faults))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+        a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+        for a in n.names}
+    assert not {'checkpoint', 'simclr_tf.checkpoint'} & imported, imported
