@@ -153,11 +153,11 @@ class Checkpointer:
         resumed, set_aside = self._restore_newest_readable(start.checkpoints,
                                                            self.chief and not dry_run)
         if resumed is None:
+            moved = '' if dry_run else ' and were set aside'
             raise ConfigError(
                 f'no readable checkpoint in model_dir={model_dir!r}: '
-                f'{", ".join(set_aside)} could not be read{"" if dry_run else " and were set aside"}'
-                '. Pass --start_over to train from scratch (other files are moved aside too), or '
-                'use another --model_dir')
+                f'{", ".join(set_aside)} could not be read{moved}. Pass --start_over to train '
+                'from scratch (other files are moved aside too), or use another --model_dir')
         if self.chief and not dry_run:
             paths = [p for _, p in start.checkpoints]  # those newer than `resumed` were set aside
             write_state_file(model_dir, resumed, paths[:paths.index(resumed) + 1])

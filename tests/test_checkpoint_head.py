@@ -163,7 +163,8 @@ def test_another_class_count_starts_fresh_with_zero_init_and_is_refused_without(
 def test_a_schema_without_the_head_is_not_refused(pretrained, folders, tmp_path, schema):
     for dataset in folders.values():  # another width; another width and class count
         config = _finetune(pretrained, tmp_path / 'ft', dataset=dataset, variable_schema=schema)
-        start = checkpoint.resolve_start(config, [], len(os.listdir(os.path.join(dataset, 'train'))))
+        classes = len(os.listdir(os.path.join(dataset, 'train')))
+        start = checkpoint.resolve_start(config, [], classes)
     model = build_model(config, 3)
     message = Checkpointer(config, model, keras.optimizers.SGD()).restore(model)
     assert message == start.describe()

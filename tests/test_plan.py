@@ -4,9 +4,7 @@ on the embedded sample exits 0 and writes nothing; the refusals read the same un
 at a real start; runs that read a model_dir take its config.json's values."""
 
 import hashlib
-import json
 import os
-import shlex
 import sys
 
 import keras
@@ -161,7 +159,7 @@ def test_eval_and_export_plan_the_model_dirs_checkpoints(pretrained):
     assert step == 2 and model.supervised_head.num_classes == 10
 
 
-# ---------------------------------------------------------------- dry runs of the documented commands
+# ---------------------------------------------------------------- dry runs of documented commands
 def _digest(path) -> dict:
     """Every file under `path` and its bytes' hash (None: `path` does not exist)."""
     if not os.path.exists(path):
