@@ -157,6 +157,9 @@ def test_eval_and_export_plan_the_model_dirs_checkpoints(pretrained):
     assert start.data is None and start.num_classes == 10  # export reads no data
     model, step = program.restore_newest(pretrained, STRATEGY, start)
     assert step == 2 and model.supervised_head.num_classes == 10
+    before = _digest(pretrained.model_dir)
+    program.run(pretrained.replace(mode='eval', dry_run=True, knn_train_examples=10))
+    assert _digest(pretrained.model_dir) == before
 
 
 # ---------------------------------------------------------------- dry runs of documented commands
