@@ -44,8 +44,16 @@ _define_flags()
 FLAGS = flags.FLAGS
 
 
-def config_from_flags() -> Config:
-    return Config(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(Config)}).validate()
+def config_from_flags(model_dir_defaults: bool = False) -> Config:
+    """The Config of the parsed flags. `model_dir_defaults`: a run that reads a model_dir
+    (--mode=eval or export) whose config.json is there takes its values for the flags not given
+    (`model_dir.with_saved_defaults`); the program's own run does, tests that parse commands
+    do not."""
+    values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(Config)}
+    if model_dir_defaults:
+        from simclr_tf import model_dir
+        values = model_dir.with_saved_defaults(values, {k for k in values if FLAGS[k].present})
+    return Config(**values).validate()
 
 
 def _fail(message: str, status: int = 2, at_once: bool = False) -> None:
@@ -85,7 +93,7 @@ def main(argv) -> None:
         _fail(f'unexpected arguments: {" ".join(argv[1:])}')
     config = None
     try:
-        config = config_from_flags()
+        config = config_from_flags(model_dir_defaults=True)
         if not config.model_dir:
             raise ConfigError('--model_dir is required')
         from simclr_tf import distribute  # before TensorFlow touches a device:
@@ -93,7 +101,9 @@ def main(argv) -> None:
         if config.cpu_replicas > 1:
             distribute.configure_cpu_replicas(config.cpu_replicas)
         from simclr_tf import program
-        result = program.run(config, flags={k: FLAGS[k].value for k in FLAGS})
+        # flags.json: the flags as given, with the values the run took from model_dir.
+        result = program.run(config, flags={**{k: FLAGS[k].value for k in FLAGS},
+                                            **config.to_dict()})
         if result:
             print(summary(result))
     except ConfigError as e:

@@ -26,6 +26,7 @@ from simclr_tf.authors_layout import (
     layout, trainable_weights)
 from simclr_tf.config import Config, ConfigError
 from simclr_tf.heads import HeadMismatch
+from simclr_tf.model import has_supervised_head
 from simclr_tf.resnet import ARCHITECTURES, channels
 
 # The authors' part -> this model's attribute.
@@ -351,15 +352,14 @@ def source_architecture(source: Source, ft_proj_selector: Optional[int] = None) 
     return arch
 
 
-def plan(model, config: Config, source: Source, schema: str = ''
-         ) -> tuple[list[tuple[tf.Variable, str]], list[str]]:
-    """(our variable, the source key it takes) for every variable of `model` whose .path matches
-    `schema` (re.match), and notes on parts left as initialised. Raises AuthorsLayoutError when
-    the source does not fit this model's configuration."""
+def placement(config: Config, num_classes: Optional[int], source: Source, schema: str = ''
+              ) -> tuple[list[tuple[Entry, str]], list[str]]:
+    """(the layout entry of our variable, the source key it takes) for every variable of
+    `config`'s model (with `num_classes`, None: no supervised head) whose .path matches `schema`
+    (re.match), and notes on parts left as initialised; decided from the source's shapes alone,
+    before any model is built. Raises AuthorsLayoutError when the source does not fit."""
     src = source_architecture(source)
-    head = getattr(model, 'supervised_head', None)
-    arch = Architecture.of(config, head.num_classes if head is not None else None)
-    ours = {v.path: v for v in model.variables}
+    arch = Architecture.of(config, num_classes if has_supervised_head(config) else None)
     pattern = re.compile(schema)
     pairs, notes = [], []
     for part, expected in layout(arch).items():
@@ -385,16 +385,29 @@ def plan(model, config: Config, source: Source, schema: str = ''
             raise AuthorsLayoutError(
                 f'{source.path} holds {src.describe()}; this run is configured for '
                 f'{arch.describe()} ({OUR_PARTS[part]}): ' + '; '.join(problems))
-        for e in expected:
-            v = ours.get(e.ours)
-            if v is None:
-                raise AuthorsLayoutError(f"this model has no variable {e.ours} to take the "
-                                         f"authors' {e.key}")
-            if tuple(v.shape) != e.shape:
-                raise AuthorsLayoutError(f'{e.ours} has shape {list(v.shape)}; the authors\' '
-                                         f'{e.key} has {list(e.shape)}')
-            if pattern.match(v.path):
-                pairs.append((v, e.key + SUFFIX))
+        pairs += [(e, e.key + SUFFIX) for e in expected if pattern.match(e.ours)]
+    return pairs, notes
+
+
+def plan(model, config: Config, source: Source, schema: str = ''
+         ) -> tuple[list[tuple[tf.Variable, str]], list[str]]:
+    """(our variable, the source key it takes) for every variable of `model` whose .path matches
+    `schema` (re.match), and notes on parts left as initialised (`placement`, checked against
+    the model's variables)."""
+    head = getattr(model, 'supervised_head', None)
+    entries, notes = placement(config, head.num_classes if head is not None else None, source,
+                               schema)
+    ours = {v.path: v for v in model.variables}
+    pairs = []
+    for e, key in entries:
+        v = ours.get(e.ours)
+        if v is None:
+            raise AuthorsLayoutError(f"this model has no variable {e.ours} to take the "
+                                     f"authors' {e.key}")
+        if tuple(v.shape) != e.shape:
+            raise AuthorsLayoutError(f'{e.ours} has shape {list(v.shape)}; the authors\' '
+                                     f'{e.key} has {list(e.shape)}')
+        pairs.append((v, key))
     return pairs, notes
 
 

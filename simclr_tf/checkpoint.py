@@ -1,7 +1,13 @@
-"""Checkpoints: save and resume a run, and start fine-tuning from another run's weights."""
+"""Checkpoints: save and resume a run, and start fine-tuning from another run's weights.
+
+Where a training run's weights come from (`Start`: resume, `--checkpoint` of this project or of
+the authors, scratch) is decided once, before anything is built (`resolve_start`, read by the
+start plan); restoring then does what it says.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -11,11 +17,16 @@ from typing import Optional
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-from simclr_tf import authors, faults, optim
+from simclr_tf import authors, authors_layout, faults, optim
 from simclr_tf import model_dir as model_dir_lib
 from simclr_tf.config import Config, ConfigError
 from simclr_tf.heads import HeadMismatch
 from simclr_tf.model import has_supervised_head, supervised_input_dim
+from simclr_tf.model_dir import list_checkpoints  # noqa: F401  (its home is model_dir.py)
+
+# The model's parts, and the root of their variables' paths.
+PARTS = {'encoder': 'resnet/', 'projection_head': 'head_contrastive/',
+         'supervised_head': 'head_supervised/'}
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -121,56 +132,37 @@ class Checkpointer:
             shutil.rmtree(self._scratch, ignore_errors=True)
         return path
 
-    def restore(self, model: tf.keras.Model) -> str:
-        """Resumes from `model_dir`, else starts from `config.checkpoint`; says which it did.
+    def restore(self, model: tf.keras.Model, start: Optional[Start] = None,
+                dry_run: bool = False) -> str:
+        """Restores what `start` says (default: `resolve_start` now); says what it did.
 
-        Never starts from scratch in a model_dir that holds checkpoints or an export: raises
-        ConfigError saying what is there (`--start_over` moves it aside first, in program.py).
+        A resume tries model_dir's checkpoints newest first and sets aside (renames) those that
+        cannot be read; `dry_run` only reads (nothing renamed, no state file written).
         """
+        if start is None:
+            found = list_checkpoints(self.config.model_dir)
+            start = resolve_start(self.config, found, getattr(model, 'num_classes', None))
+        if start.kind == 'resume':
+            return self._resume(start, dry_run)
+        if start.kind == 'scratch':
+            return 'started from scratch'
+        return start_from(model, start, self.config)
+
+    def _resume(self, start: Start, dry_run: bool) -> str:
         model_dir = self.config.model_dir
-        found = list_checkpoints(model_dir)
-        if found:
-            resumed, set_aside = self._restore_newest_readable(found)
-            if resumed is None:
-                raise ConfigError(
-                    f'no readable checkpoint in model_dir={model_dir!r}: '
-                    f'{", ".join(set_aside)} could not be read and were set aside. Pass '
-                    '--start_over to train from scratch (other files are moved aside too), or '
-                    'use another --model_dir')
-            if self.chief:
-                write_state_file(model_dir, resumed, [p for _, p in list_checkpoints(model_dir)])
-                self.manager = self._new_manager()  # it read the state file when created
-            return f'resumed from {resumed}'
-        kept = model_dir_contents(model_dir)
-        if kept:
+        resumed, set_aside = self._restore_newest_readable(start.checkpoints,
+                                                           self.chief and not dry_run)
+        if resumed is None:
+            moved = '' if dry_run else ' and were set aside'
             raise ConfigError(
-                f'model_dir={model_dir!r} holds no checkpoint to resume from but {", ".join(kept)}'
-                ' of an earlier run; training would start from scratch and overwrite them. Pass '
-                '--start_over to move them aside and train from scratch, or use another '
-                '--model_dir')
-        if self.config.checkpoint:
-            theirs = authors.open_source(self.config.checkpoint)
-            if theirs is not None:  # the authors' TF2 checkpoint or SavedModel (their model zoo)
-                source = f"the authors' {theirs.kind} {theirs.path}"
-                restored, notes = authors.restore(model, self.config, theirs,
-                                                  self.config.variable_schema)
-            else:
-                source = resolve_checkpoint(self.config.checkpoint)
-                try:
-                    restored, notes = restore_matching(model, source, self.config)
-                except (tf.errors.OpError, IndexError, OSError) as e:  # half-written, damaged
-                    raise faults.Unreadable('checkpoint', source, e) from e
-            message = f'initialised {len(restored)} variables from {source}'
-            message += ''.join(f'; {note}' for note in notes)
-            new = new_parts(model, restored)
-            if new:
-                message += f'; new (freshly initialised): {", ".join(new)}'
-            if self.config.zero_init_logits_layer and model.supervised_head is not None:
-                for v in model.supervised_head.trainable_variables:
-                    v.assign(tf.zeros_like(v))
-                message += ' (supervised head zero-initialised)'
-            return message
-        return 'started from scratch'
+                f'no readable checkpoint in model_dir={model_dir!r}: '
+                f'{", ".join(set_aside)} could not be read{moved}. Pass --start_over to train '
+                'from scratch (other files are moved aside too), or use another --model_dir')
+        if self.chief and not dry_run:
+            paths = [p for _, p in start.checkpoints]  # those newer than `resumed` were set aside
+            write_state_file(model_dir, resumed, paths[:paths.index(resumed) + 1])
+            self.manager = self._new_manager()  # it read the state file when created
+        return f'resumed from {resumed}'
 
     def _checkpoint_for(self, prefix: str) -> tf.train.Checkpoint:
         """What reads `prefix`: checkpoints written before model variables were keyed by name
@@ -180,9 +172,10 @@ class Checkpointer:
         except (tf.errors.OpError, IndexError, OSError):  # unreadable: restore_problem says why
             return self._required
 
-    def _restore_newest_readable(self, found: list[tuple[int, str]]
+    def _restore_newest_readable(self, found: tuple[tuple[int, str], ...], rename: bool
                                  ) -> tuple[Optional[str], list[str]]:
-        """(the prefix restored, the prefixes set aside), trying the newest first."""
+        """(the prefix restored, the prefixes that could not be read), trying the newest first;
+        `rename`: set those aside."""
         set_aside = []
         for _, prefix in reversed(found):
             problem = restore_problem(self._checkpoint_for(prefix), prefix)
@@ -195,29 +188,18 @@ class Checkpointer:
             if problem.startswith(MISMATCH):
                 raise ConfigError(f'checkpoint {prefix} does not hold this model ({problem}); '
                                   'were its flags different? (see model_dir/config.json)')
-            moved = set_aside_checkpoint(prefix) if self.chief else prefix
-            logging.warning('checkpoint %s cannot be read (%s); set aside as %s, trying the '
-                            'one before', prefix, problem, moved)
+            if rename:
+                logging.warning('checkpoint %s cannot be read (%s); set aside as %s, trying the '
+                                'one before', prefix, problem, set_aside_checkpoint(prefix))
+            else:
+                logging.warning('checkpoint %s cannot be read (%s); trying the one before',
+                                prefix, problem)
             set_aside.append(f'{prefix} ({problem})')
         return None, set_aside
 
 
-_CKPT_INDEX = re.compile(r'^ckpt-(\d+)\.index$')
 UNREADABLE = 'unreadable-'  # prefix of a checkpoint's files once set aside
 MISMATCH = 'structure mismatch'
-
-
-def list_checkpoints(model_dir: str) -> list[tuple[int, str]]:
-    """(step, prefix) of every `ckpt-<step>.index` in model_dir, oldest first, whatever the
-    `checkpoint` state file says (it may be missing, stale or copied from elsewhere)."""
-    if not model_dir or not tf.io.gfile.isdir(model_dir):
-        return []
-    found = []
-    for name in tf.io.gfile.listdir(model_dir):
-        match = _CKPT_INDEX.match(name)
-        if match:
-            found.append((int(match.group(1)), os.path.join(model_dir, name[:-len('.index')])))
-    return sorted(found)
 
 
 def write_state_file(model_dir: str, latest: str, paths: list[str]) -> None:
@@ -260,45 +242,153 @@ def set_aside_checkpoint(prefix: str) -> str:
     return target
 
 
-def model_dir_contents(model_dir: str) -> list[str]:
-    """Exports and results in model_dir that a run from scratch would overwrite."""
-    return model_dir_lib.contents(model_dir)
+# ------------------------------------------------------------------ where a run starts
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """Where a training run's weights come from, decided before anything is built."""
+    kind: str  # 'resume' (model_dir's newest checkpoint), 'checkpoint' (--checkpoint, ours),
+    # 'authors' (--checkpoint, one of the authors' checkpoints or SavedModels), 'scratch'
+    path: Optional[str] = None  # the checkpoint prefix (or the authors' source) read
+    step: int = 0  # the step training starts at
+    restored: tuple[str, ...] = ()  # the .path of every variable taken from `path`
+    notes: tuple[str, ...] = ()  # parts left as initialised, and why
+    zero_head: bool = False  # zero_init_logits_layer: the supervised head zeroed after restoring
+    checkpoints: tuple[tuple[int, str], ...] = ()  # resume: model_dir's, oldest first
+    source: Optional[authors.Source] = dataclasses.field(default=None, compare=False, repr=False)
+
+    def describe(self, parts: tuple[str, ...] = tuple(PARTS)) -> str:
+        """One line, as the run logs it once restored (`parts`: the model's)."""
+        if self.kind == 'resume':
+            return f'resumes from {self.path} (step {self.step})'
+        if self.kind == 'scratch':
+            return 'from scratch'
+        label = (self.path if self.kind == 'checkpoint'
+                 else f"the authors' {self.source.kind} {self.path}")
+        return started_from(label, self.restored, self.notes, parts, self.zero_head)
 
 
-def restore_matching(model: tf.keras.Model, source: str, config: Config
-                     ) -> tuple[list[str], list[str]]:
-    """Restores the variables whose `.path` matches `config.variable_schema` (re.match) from a
-    checkpoint; returns their paths and notes on parts left as initialised.
+def started_from(label: str, restored, notes, parts, zero_head: bool) -> str:
+    """'initialised N variables from <label>; <notes>; new (freshly initialised): <parts>'."""
+    message = f'initialised {len(restored)} variables from {label}'
+    message += ''.join(f'; {note}' for note in notes)
+    new = [p for p in parts if not any(r.startswith(PARTS[p]) for r in restored)]
+    if new:
+        message += f'; new (freshly initialised): {", ".join(new)}'
+    if zero_head and 'supervised_head' in parts:
+        message += ' (supervised head zero-initialised)'
+    return message
+
+
+def resolve_start(config: Config, found: list[tuple[int, str]], num_classes: Optional[int]
+                  ) -> Start:
+    """Where a training run of `config` starts, given model_dir's checkpoints `found` (oldest
+    first) and the data's class count. Raises ConfigError (or faults.Unreadable) for a start that
+    cannot work: a model_dir of an earlier run with nothing to resume, fine-tuning from nothing,
+    a --checkpoint that is missing, of another model or whose supervised head this run's cannot
+    take. --start_over moves model_dir's files aside first: its checkpoints do not count."""
+    if config.train_mode == 'supervised' and config.checkpoint:
+        raise ConfigError(f'train_mode=supervised trains from scratch: it takes no --checkpoint '
+                          f'({config.checkpoint!r}); --train_mode=finetune starts from one')
+    if found and not config.start_over:
+        return Start('resume', found[-1][1], found[-1][0], checkpoints=tuple(found))
+    kept = [] if config.start_over else model_dir_lib.contents(config.model_dir)
+    if kept:
+        raise ConfigError(
+            f'model_dir={config.model_dir!r} holds no checkpoint to resume from but '
+            f'{", ".join(kept)} of an earlier run; training would start from scratch and overwrite '
+            'them. Pass --start_over to move them aside and train from scratch, or use another '
+            '--model_dir')
+    if not config.checkpoint:
+        if config.train_mode == 'finetune':
+            raise ConfigError(
+                'train_mode=finetune needs --checkpoint (a pretrained checkpoint or its model_dir) '
+                f'or an existing checkpoint in model_dir={config.model_dir!r}; '
+                '--train_mode=supervised trains the classifier from scratch')
+        return Start('scratch')
+    check_start(config.checkpoint)
+    zero_head = config.zero_init_logits_layer and has_supervised_head(config)
+    theirs = authors.open_source(config.checkpoint)
+    if theirs is not None:  # the authors' TF2 checkpoint or SavedModel (their model zoo)
+        entries, notes = authors.placement(config, num_classes, theirs, config.variable_schema)
+        return Start('authors', theirs.path, 0, tuple(e.ours for e, _ in entries), tuple(notes),
+                     zero_head, source=theirs)
+    prefix = resolve_checkpoint(config.checkpoint)
+    try:
+        restored, notes = _selection(config, prefix, num_classes)
+    except (tf.errors.OpError, IndexError, OSError) as e:  # half-written, damaged
+        raise faults.Unreadable('checkpoint', prefix, e) from e
+    return Start('checkpoint', prefix, 0, restored, notes, zero_head)
+
+
+def part_paths(config: Config, num_classes: Optional[int]) -> dict[str, list[str]]:
+    """The .path of every variable of each part of `config`'s model, without building it (the
+    authors' layout of the same architecture names them)."""
+    head = num_classes if has_supervised_head(config) else None
+    arch = authors_layout.Architecture.of(config, head)
+    return {authors.OUR_PARTS[part]: [e.ours for e in entries]
+            for part, entries in authors_layout.layout(arch).items()}
+
+
+def _selection(config: Config, prefix: str, num_classes: Optional[int]
+               ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the variables a start from checkpoint `prefix` of this project restores, notes on parts
+    left as initialised): those whose `.path` matches `config.variable_schema` (re.match), in the
+    parts the checkpoint holds.
 
     The authors' linear-eval recipe passes `(?!global_step|(?:.*/|^)Momentum|head)`: every encoder
-    variable, no head. Only the parts that hold a selected variable are read, so a checkpoint whose
-    supervised head has another shape can still seed the encoder. A selected head of another shape
-    (`head_mismatch`) starts fresh under zero_init_logits_layer, else raises ConfigError.
+    variable, no head. A part the checkpoint does not hold (the supervised head of a run
+    pretrained without lineareval_while_pretraining) starts fresh, as the authors'
+    restore(...).expect_partial(). A selected supervised head of another shape starts fresh
+    under zero_init_logits_layer, else the run is refused.
     """
     pattern = re.compile(config.variable_schema)
-    parts = _parts(model)
-    selected = {name: [v for v in layer.variables if pattern.match(v.path)]
-                for name, layer in parts.items()}
-    # A part the checkpoint does not hold at all (the supervised head of a run pretrained without
-    # lineareval_while_pretraining) starts fresh, as the authors' restore(...).expect_partial().
-    saved = saved_parts(source)
-    if selected and not saved & set(parts):
-        raise ConfigError(f'checkpoint={source!r} holds none of this model\'s parts '
-                          f'({", ".join(parts)})')
-    for name in [n for n in selected if selected[n] and n not in saved]:
-        logging.info('checkpoint %s holds no %s: it starts freshly initialised', source, name)
-        selected[name] = []
-    notes = []
+    paths = part_paths(config, num_classes)
+    selected = {part: [p for p in ps if pattern.match(p)] for part, ps in paths.items() if ps}
+    saved = read_saved(prefix)
+    if selected and not saved.parts & set(selected):
+        raise ConfigError(f'checkpoint={prefix!r} holds none of this model\'s parts '
+                          f'({", ".join(selected)})')
+    unselected = [p for p in selected if not selected[p]]
+    notes = [f'{", ".join(unselected)} not selected by --variable_schema'] if unselected else []
+    for part in [p for p in selected if selected[p] and p not in saved.parts]:
+        notes.append(f'no {part} in the checkpoint')
+        selected[part] = []
     if selected.get('supervised_head'):
-        kernel = model.supervised_head.linear_layer.dense.kernel
-        mismatch = head_mismatch(source, tuple(kernel.shape), config.ft_proj_selector)
+        mismatch = _head_mismatch(prefix, saved.head, (supervised_input_dim(config), num_classes),
+                                  config.ft_proj_selector)
         if mismatch and not config.zero_init_logits_layer:
             raise ConfigError(mismatch.refusal())
         if mismatch:
             notes.append(mismatch.fresh())
             selected['supervised_head'] = []
-    wanted = {name: layer for name, layer in parts.items() if selected[name]}
-    keep = {id(v): v.numpy() for v in model.variables if not pattern.match(v.path)}
+    return tuple(p for ps in selected.values() for p in ps), tuple(notes)
+
+
+def start_from(model: tf.keras.Model, start: Start, config: Config) -> str:
+    """Restores `start`'s variables (a --checkpoint of ours or the authors') into `model`, reading
+    only; zeroes the supervised head under zero_init_logits_layer. Says what it did."""
+    if start.kind == 'authors':
+        restored, notes = authors.restore(model, config, start.source, config.variable_schema)
+        label = f"the authors' {start.source.kind} {start.path}"
+    else:
+        try:
+            restored = restore_parts(model, start.path, start.restored)
+        except (tf.errors.OpError, IndexError, OSError) as e:  # half-written, damaged
+            raise faults.Unreadable('checkpoint', start.path, e) from e
+        notes, label = start.notes, start.path
+    if start.zero_head and model.supervised_head is not None:
+        for v in model.supervised_head.trainable_variables:
+            v.assign(tf.zeros_like(v))
+    return started_from(label, restored, notes, tuple(_parts(model)), start.zero_head)
+
+
+def restore_parts(model: tf.keras.Model, source: str, paths: tuple[str, ...]) -> list[str]:
+    """Restores the variables named `paths` from checkpoint `source` (of this project); returns
+    the paths restored. Only the parts holding one of them are read; the other variables of those
+    parts are put back as they were."""
+    wanted = {name: layer for name, layer in _parts(model).items()
+              if any(v.path in paths for v in layer.variables)}
+    keep = {id(v): v.numpy() for v in model.variables if v.path not in paths}
     if wanted:
         try:
             status = tf.train.Checkpoint(model=tf.train.Checkpoint(**wanted)).restore(source)
@@ -311,15 +401,14 @@ def restore_matching(model: tf.keras.Model, source: str, config: Config
         except AssertionError as e:
             raise ConfigError(f'checkpoint={source!r} does not hold this model\'s '
                               f'{", ".join(wanted)} variables: {e}') from e
-    # Parts restored whole may include unselected variables: put those back.
-    for v in model.variables:
+    for v in model.variables:  # parts restored whole: put the unselected variables back
         if id(v) in keep:
             v.assign(keep[id(v)])
-    restored = [v.path for vs in selected.values() for v in vs]
-    logging.info('restored %d variables matching %r from %s: %s', len(restored),
-                 config.variable_schema, source,
-                 ', '.join(f'{n} {len(vs)}' for n, vs in selected.items()))
-    return restored, notes
+    restored = [v.path for v in model.variables if v.path in paths]
+    logging.info('restored %d variables from %s: %s', len(restored), source,
+                 ', '.join(f'{name} {sum(p.startswith(PARTS[name]) for p in restored)}'
+                           for name in _parts(model)))
+    return restored
 
 
 def first_line(error: BaseException) -> str:
@@ -343,48 +432,57 @@ def _child(graph, node: Optional[int], names: tuple[str, ...]) -> Optional[int]:
     return next((c.node_id for c in graph.nodes[node].children if c.local_name in names), None)
 
 
-def saved_parts(source: str) -> set[str]:
-    """The model parts a checkpoint of this project holds, read from its object graph (older
-    checkpoints key head weights under the optimizer, so their key names do not tell)."""
-    reader = tf.train.load_checkpoint(source)
-    graph = _object_graph(reader)
-    if graph is None:
-        return {name.split('/')[1] for name in reader.get_variable_to_shape_map()
-                if name.startswith('model/') and name.count('/') > 1}
-    model = _child(graph, 0, ('model',))
-    return {c.local_name for c in graph.nodes[model].children} if model is not None else set()
-
-
-# Where the supervised head's kernel sits in the object graph (Keras 3 names it `_kernel`), and
-# the .path of the head's variables (what variable_schema matches).
+# Where the supervised head's kernel sits in the object graph (Keras 3 names it `_kernel`).
 HEAD_KERNEL = ('model', 'supervised_head', 'linear_layer', 'dense')
 KERNEL_NAMES = ('_kernel', 'kernel')
-HEAD_PATHS = tuple(f'head_supervised/linear_layer/dense/{v}' for v in ('kernel', 'bias'))
 
 
-def saved_head_shape(source: str) -> Optional[tuple[int, ...]]:
-    """[inputs, classes] of the supervised head's kernel in a checkpoint of this project, found
-    through its object graph (older checkpoints key it under the optimizer); None if not found."""
+@dataclasses.dataclass(frozen=True)
+class Saved:
+    """What a checkpoint of this project holds, as a start reads it."""
+    parts: frozenset[str]  # the model parts it holds
+    head: Optional[tuple[int, ...]]  # [inputs, classes] of its supervised head's kernel
+
+
+def read_saved(source: str) -> Saved:
+    """The parts and the supervised head's shape of a checkpoint of this project, read once
+    through its object graph (older checkpoints key head weights under the optimizer, so their
+    key names do not tell)."""
     reader = tf.train.load_checkpoint(source)
     shapes = reader.get_variable_to_shape_map()
     graph = _object_graph(reader)
-    if graph is None:
+    if graph is None:  # written by key: the keys tell
+        parts = {name.split('/')[1] for name in shapes
+                 if name.startswith('model/') and name.count('/') > 1}
         keys = ['/'.join(HEAD_KERNEL + (name,)) + authors.SUFFIX for name in KERNEL_NAMES]
     else:
+        model = _child(graph, 0, ('model',))
+        parts = {c.local_name for c in graph.nodes[model].children} if model is not None else set()
         node = 0
         for name in HEAD_KERNEL:
             node = _child(graph, node, (name,))
         node = _child(graph, node, KERNEL_NAMES)
         keys = [a.checkpoint_key for a in graph.nodes[node].attributes] if node is not None else []
-    return next((tuple(shapes[k]) for k in keys if k in shapes), None)
+    return Saved(frozenset(parts), next((tuple(shapes[k]) for k in keys if k in shapes), None))
 
 
-def head_mismatch(source: str, ours: tuple[int, Optional[int]], selector: int
-                  ) -> Optional[HeadMismatch]:
-    """How the supervised head of checkpoint `source` differs from this run's ([inputs, classes],
-    classes None: inputs only; `selector` this run's ft_proj_selector), None if it fits or the
-    checkpoint holds no head. The checkpoint's selector comes from config.json beside it."""
-    theirs = saved_head_shape(source)
+def saved_parts(source: str) -> set[str]:
+    """The model parts a checkpoint of this project holds."""
+    return set(read_saved(source).parts)
+
+
+def saved_head_shape(source: str) -> Optional[tuple[int, ...]]:
+    """[inputs, classes] of the supervised head's kernel in a checkpoint of this project; None if
+    it has none."""
+    return read_saved(source).head
+
+
+def _head_mismatch(source: str, theirs: Optional[tuple[int, ...]],
+                   ours: tuple[int, Optional[int]], selector: int) -> Optional[HeadMismatch]:
+    """How the supervised head of checkpoint `source` ([inputs, classes] `theirs`) differs from
+    this run's (`ours`, classes None: inputs only; `selector` this run's ft_proj_selector), None
+    if it fits or the checkpoint holds no head. The checkpoint's selector comes from config.json
+    beside it."""
     if theirs is None or (theirs[0] == ours[0] and ours[1] in (None, theirs[1])):
         return None
     try:
@@ -395,34 +493,5 @@ def head_mismatch(source: str, ours: tuple[int, Optional[int]], selector: int
                         selector)
 
 
-def check_head(config: Config, num_classes: Optional[int] = None) -> None:
-    """Refuses, before anything is built, a start from `config.checkpoint` (one of this project's)
-    whose supervised head the schema selects but this run's head cannot take: another input width
-    or, once `num_classes` is known, class count. With zero_init_logits_layer it starts fresh
-    instead (restore_matching); the authors' sources are placed by authors.restore."""
-    schema = re.compile(config.variable_schema)
-    if (config.zero_init_logits_layer or not has_supervised_head(config)
-            or not any(schema.match(p) for p in HEAD_PATHS)):
-        return
-    try:
-        if authors.open_source(config.checkpoint) is not None:
-            return
-        source = resolve_checkpoint(config.checkpoint)
-        mismatch = head_mismatch(source, (supervised_input_dim(config), num_classes),
-                                 config.ft_proj_selector)
-    except (tf.errors.OpError, IndexError, OSError):  # damaged: the restore says so
-        return
-    if mismatch:
-        raise ConfigError(mismatch.refusal())
-
-
 def _parts(model: tf.keras.Model) -> dict:
-    parts = {name: getattr(model, name) for name in ('encoder', 'projection_head', 'supervised_head')}
-    return {name: layer for name, layer in parts.items() if layer is not None}
-
-
-def new_parts(model: tf.keras.Model, restored: list[str]) -> list[str]:
-    """The model's parts none of whose variables came from the checkpoint."""
-    restored = set(restored)
-    return [name for name, layer in _parts(model).items()
-            if not any(v.path in restored for v in layer.variables)]
+    return {name: getattr(model, name) for name in PARTS if getattr(model, name) is not None}

@@ -305,6 +305,12 @@ class Config:
         'another run\'s config.json: its files are first moved (not deleted) to '
         'model_dir/previous-<UTC time>/. Without it such a run stops and says what it found. '
         'Pass it once, not in a command a scheduler reruns.', resumable=True)
+    dry_run: bool = _flag(
+        False, 'New. Check a command before a costly run: resolve and print its start plan (where '
+        'the weights come from, teacher, data, views, devices, batch, schedule), build the model '
+        'and restore --checkpoint (or the model_dir\'s checkpoint) and the teacher into it, read '
+        'one batch of each split the run uses, then exit 0 without writing to model_dir; bad '
+        'input stops with the error a real start gives.', resumable=True)
 
     # ------------------------------------------------------------------
     @property

@@ -131,6 +131,19 @@ def view_plan(config: Config, is_training: bool, accelerator: Optional[bool] = N
                             views.has_accelerator() if accelerator is None else accelerator)
 
 
+def first_batch(config: Config, split: str, is_training: bool, most: int, replicas: int = 1,
+                plan: Optional[views.ViewPlan] = None) -> tuple[tf.Tensor, tf.Tensor]:
+    """The first batch of `split` as a run reads it (the training stream, with `plan`'s views, or
+    the eval stream; `train_split` read for eval: its labelled examples), of the run's batch size
+    but at most `most` images (a multiple of `replicas`): proof that the split can be read."""
+    batch = config.train_batch_size if is_training else config.eval_batch_size
+    batch = max(replicas, min(batch, most) // replicas * replicas)
+    config = config.replace(train_batch_size=batch, eval_batch_size=batch,
+                            **({} if is_training else {'eval_split': split}))
+    labelled = not is_training and split == config.train_split
+    return next(iter(build_dataset(config, is_training, labelled_only=labelled, plan=plan)))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Shard:
     """This input pipeline's share of a global batch."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 
 import tensorflow as tf
@@ -71,8 +70,9 @@ def build_strategy(config: Config) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()  # the default strategy: one device, no replication
 
 
-def check_strategy(config: Config, strategy: tf.distribute.Strategy) -> None:
-    """Rejects what this strategy cannot run, naming the flags, before anything is built."""
+def check_strategy(config: Config, strategy: tf.distribute.Strategy) -> list[str]:
+    """Rejects what this strategy cannot run, naming the flags, before anything is built;
+    returns warnings about what it can run but should not."""
     replicas = strategy.num_replicas_in_sync
     for field in ('train_batch_size', 'eval_batch_size'):
         batch = getattr(config, field)
@@ -84,7 +84,20 @@ def check_strategy(config: Config, strategy: tf.distribute.Strategy) -> None:
                 f'jit_compile=True is not supported with {replicas} CPU replicas (XLA cannot compile '
                 'the cross-replica step on CPU); use one replica or drop --jit_compile')
     if config.mixed_precision == 'float16' and not tf.config.list_logical_devices('GPU'):
-        logging.warning('mixed_precision=float16 on CPU is slow; bfloat16 is the CPU/TPU choice')
+        return ['mixed_precision=float16 on CPU is slow; bfloat16 is the CPU/TPU choice']
+    return []
+
+
+def describe(strategy: tf.distribute.Strategy) -> str:
+    """'1 replica (one device: CPU)', '2 replicas (MirroredStrategy)', ..."""
+    n = strategy.num_replicas_in_sync
+    replicas = f'{n} replica{"" if n == 1 else "s"}'
+    if isinstance(strategy, (tf.distribute.TPUStrategy, tf.distribute.MirroredStrategy,
+                             tf.distribute.MultiWorkerMirroredStrategy)):
+        return f'{replicas} ({type(strategy).__name__})'
+    if isinstance(strategy, tf.distribute.OneDeviceStrategy):
+        return f'{replicas} ({strategy.extended.worker_devices[0]})'
+    return f'{replicas} (one device: {"GPU" if tf.config.list_logical_devices("GPU") else "CPU"})'
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

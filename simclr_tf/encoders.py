@@ -45,7 +45,7 @@ def open_source(path: str, what: str = 'path') -> Source:
     if not tf.io.gfile.exists(path) and not tf.io.gfile.exists(path + '.index'):
         raise ConfigError(f'{what}={path!r} does not exist')
     # An export, or a model_dir with exports and no checkpoint: its newest export.
-    saved = None if checkpoint.list_checkpoints(path) else authors.find_saved_model(path)
+    saved = None if model_dir_lib.list_checkpoints(path) else authors.find_saved_model(path)
     if saved and tf.io.gfile.exists(os.path.join(saved, 'assets.extra', 'config.json')):
         return _export(saved)
     try:

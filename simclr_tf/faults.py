@@ -159,7 +159,9 @@ def _out_of_memory(text: str, config: Config) -> str:
         detail = f' (allocating {match.group(2)})'
     elif match and match.group(3):
         detail = ' (for a batch of the input pipeline)'
-    if config.mode == 'eval':
+    if config.mode == 'export':  # traced for one image at a time: no batch flag to lower
+        remedies = []
+    elif config.mode == 'eval':
         remedies = [f'lower --eval_batch_size (now {config.eval_batch_size})']
     else:
         remedies = [f'lower --train_batch_size (now {config.train_batch_size}; a run keeps its '
@@ -257,8 +259,8 @@ def _what_was_written(path: str, config: Config) -> str:
 def _checkpoint_bytes(model_dir: str) -> int:
     """The size of model_dir's newest checkpoint (0 if none)."""
     import tensorflow as tf
-    from simclr_tf import checkpoint
-    found = checkpoint.list_checkpoints(model_dir)
+    from simclr_tf.model_dir import list_checkpoints
+    found = list_checkpoints(model_dir)
     if not found:
         return 0
     return sum(tf.io.gfile.stat(p).length for p in tf.io.gfile.glob(found[-1][1] + '.*'))
@@ -290,8 +292,8 @@ def _recently_written(path: str) -> bool:
 def _newest(model_dir: str) -> Optional[str]:
     """model_dir's newest checkpoint whose index reads (what a rerun resumes from), or None."""
     import tensorflow as tf
-    from simclr_tf import checkpoint
-    for _, prefix in reversed(checkpoint.list_checkpoints(model_dir) if model_dir else []):
+    from simclr_tf.model_dir import list_checkpoints
+    for _, prefix in reversed(list_checkpoints(model_dir)):
         try:
             tf.train.load_checkpoint(prefix)
             return prefix

@@ -1,4 +1,5 @@
-"""The model_dir belongs to one run: path checks, a lock, the config check, leftovers, start over.
+"""The model_dir belongs to one run: path checks, its checkpoints, a lock, the config check (and its
+config as the defaults of runs that read it), leftovers, start over.
 
 Nothing here deletes a checkpoint or an export: what looks damaged or is replaced is renamed or
 moved aside, only our own temporary files are removed.
@@ -11,6 +12,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import socket
 import sys
 from typing import Any, Optional
@@ -23,6 +25,9 @@ from simclr_tf.config import Config, ConfigError
 # model_dir, as each field declares (config._flag's `resumable`).
 RESUMABLE_FIELDS = frozenset(
     f.name for f in dataclasses.fields(Config) if f.metadata['resumable'])
+# Fields of one invocation, never taken from a model_dir's config.json (`with_saved_defaults`).
+_INVOCATION_FIELDS = frozenset({'mode', 'model_dir', 'start_over', 'dry_run'})
+_CKPT_INDEX = re.compile(r'^ckpt-(\d+)\.index$')
 _LOCKS: dict[str, Any] = {}  # '<model_dir>:<role>' -> its open lock file, held until exit
 
 
@@ -90,21 +95,62 @@ def release_locks() -> None:
     _LOCKS.clear()
 
 
-def check_config(config: Config, model_dir: str) -> None:
-    """Fails, listing the flags, if model_dir's config.json differs from `config` in a field that
-    must stay fixed for the life of a run (all but RESUMABLE_FIELDS)."""
-    saved = read_config(model_dir)
+def list_checkpoints(model_dir: Optional[str]) -> list[tuple[int, str]]:
+    """(step, prefix) of every `ckpt-<step>.index` in model_dir, oldest first, whatever the
+    `checkpoint` state file says (it may be missing, stale or copied from elsewhere)."""
+    if not model_dir or not tf.io.gfile.isdir(model_dir):
+        return []
+    found = []
+    for name in tf.io.gfile.listdir(model_dir):
+        match = _CKPT_INDEX.match(name)
+        if match:
+            found.append((int(match.group(1)), os.path.join(model_dir, name[:-len('.index')])))
+    return sorted(found)
+
+
+def check_config(config: Config, saved: Optional[dict[str, Any]]) -> None:
+    """Fails, listing the flags, if the model_dir's config.json (`saved`, None: none) differs from
+    `config` in a field that must stay fixed for the life of a run (all but RESUMABLE_FIELDS)."""
     if saved is None:
         return
     current = config.to_dict()
     differing = [f'--{k}={current[k]!r} (model_dir has {saved[k]!r})'
                  for k in sorted(current) if k in saved and k not in RESUMABLE_FIELDS
                  and _normalise(saved[k]) != _normalise(current[k])]
-    if differing:
+    if not differing:
+        return
+    ways = ('pass --start_over to move its files aside and train from scratch'
+            if config.mode in ('train', 'train_then_eval')
+            else "drop those flags: mode=eval and export take the model_dir's values")
+    raise ConfigError(
+        f'model_dir={config.model_dir!r} holds a run with other hyperparameters; this run differs '
+        f'in: {", ".join(differing)}. Rerun with the model_dir\'s values, use another '
+        f'--model_dir, or {ways}')
+
+
+def with_saved_defaults(values: dict[str, Any], passed: set[str]) -> dict[str, Any]:
+    """The field values of a run that reads a model_dir (mode=eval or export) holding config.json:
+    its values, but those of the flags the user passed (`passed`: on the command line or in a
+    flagfile) where a run may change them (RESUMABLE_FIELDS: eval split and batch, devices, ...).
+    A passed flag that would describe another model, objective or data (architecture, dataset)
+    is refused by name. Other modes, and model_dirs without config.json, keep `values`."""
+    if values.get('mode') not in ('eval', 'export') or not values.get('model_dir'):
+        return values
+    saved = read_config(values['model_dir'])
+    if saved is None:
+        return values
+    taken = {k: v for k, v in saved.items()
+             if k in values and k not in passed and k not in _INVOCATION_FIELDS}
+    refused = [f'--{k}={values[k]!r} (model_dir has {saved[k]!r})' for k in sorted(passed)
+               if k in saved and k in values and k not in RESUMABLE_FIELDS
+               and _normalise(saved[k]) != _normalise(values[k])]
+    if refused:
         raise ConfigError(
-            f'model_dir={model_dir!r} holds a run with other hyperparameters; this run differs '
-            f'in: {", ".join(differing)}. Rerun with the model_dir\'s values, use another '
-            '--model_dir, or pass --start_over to move its files aside and train from scratch')
+            f'mode={values["mode"]} reads the run in model_dir={values["model_dir"]!r} with the '
+            f'hyperparameters of its config.json; these flags would describe another model: '
+            f'{", ".join(refused)}. Drop them (the model_dir\'s values are the defaults), or use '
+            'the model_dir of a run with those values')
+    return {**values, **taken}
 
 
 def read_config(model_dir: str) -> Optional[dict[str, Any]]:
@@ -145,9 +191,9 @@ def clean_leftovers(model_dir: str) -> list[str]:
     return removed
 
 
-def contents(model_dir: str) -> list[str]:
+def contents(model_dir: Optional[str]) -> list[str]:
     """What in model_dir is worth keeping: checkpoints, exports, results (for messages)."""
-    if not tf.io.gfile.isdir(model_dir):
+    if not model_dir or not tf.io.gfile.isdir(model_dir):
         return []
     found = sorted(os.path.basename(p) for pattern in ('ckpt-*.index', 'unreadable-*.index')
                    for p in tf.io.gfile.glob(os.path.join(model_dir, pattern)))

@@ -11,38 +11,14 @@ from typing import Any, Optional
 import keras
 import tensorflow as tf
 
-from simclr_tf import checkpoint, data, distribute, evaluate, sources, train
+from simclr_tf import data, distribute, evaluate, sources, train
 from simclr_tf import model_dir as model_dir_lib
+from simclr_tf import plan as plan_lib
 from simclr_tf.config import Config, ConfigError
 from simclr_tf.model import build_model
 
 WAIT_LOG_SECS = 60  # mode=eval: how often to say it is still waiting for a checkpoint
-
-
-def check_start(config: Config) -> None:
-    """Rejects a run that cannot start, before data or model are built."""
-    model_dir_lib.check_path(config.model_dir, create=True)
-    has_own = bool(checkpoint.list_checkpoints(config.model_dir))
-    training = config.mode in ('train', 'train_then_eval')
-    if training and config.train_mode == 'finetune' and not config.checkpoint and not has_own:
-        raise ConfigError(
-            'train_mode=finetune needs --checkpoint (a pretrained checkpoint or its model_dir) '
-            f'or an existing checkpoint in model_dir={config.model_dir!r}; '
-            '--train_mode=supervised trains the classifier from scratch')
-    if training and config.train_mode == 'supervised' and config.checkpoint:
-        raise ConfigError(f'train_mode=supervised trains from scratch: it takes no --checkpoint '
-                          f'({config.checkpoint!r}); --train_mode=finetune starts from one')
-    if starts_from_checkpoint(config):
-        checkpoint.check_start(config.checkpoint)
-        checkpoint.check_head(config)  # its input width; the class count once data is known
-    if config.mode == 'export' and not has_own:
-        raise ConfigError(f'mode=export needs a checkpoint in model_dir={config.model_dir!r}')
-
-
-def starts_from_checkpoint(config: Config) -> bool:
-    """A training run that starts from --checkpoint: model_dir has no checkpoint of its own."""
-    return (config.mode in ('train', 'train_then_eval') and bool(config.checkpoint)
-            and not checkpoint.list_checkpoints(config.model_dir))
+DRY_RUN_BATCH = 64  # --dry_run reads at most this many images of each split
 
 
 def set_up(config: Config) -> None:
@@ -55,37 +31,34 @@ def set_up(config: Config) -> None:
 
 
 def run(config: Config, flags: Optional[dict[str, Any]] = None) -> Optional[dict[str, float]]:
-    """Runs `config.mode`; returns the last eval result, if any."""
+    """Runs `config.mode` as its start plan says; returns the last eval result, if any."""
     config.validate()
-    check_start(config)
     # The strategy comes first: multi-worker collectives must be set up before other TF work.
     strategy = distribute.build_strategy(config)
-    distribute.check_strategy(config, strategy)
-    info = data.dataset_info(config, need_eval=config.mode != 'train')
-    if starts_from_checkpoint(config):
-        checkpoint.check_head(config, info.num_classes)
-    chief = distribute.is_chief(strategy)
+    start = plan_lib.resolve(config, strategy)  # every start-up check; nothing written yet
     set_up(config)
-    logging.info('%s: %s train / %s eval examples, %s classes, %d replicas', config.dataset,
-                 info.num_train_examples, info.num_eval_examples, info.num_classes,
-                 strategy.num_replicas_in_sync)
-
-    if config.mode == 'eval':  # creates nothing before a checkpoint appears
-        return continuous_eval(config, strategy, info, flags)
+    start.log()
+    if config.dry_run:
+        dry_run(config, strategy, start)
+        return None
+    chief = distribute.is_chief(strategy)
+    if config.mode == 'eval':  # claims model_dir once a checkpoint is there
+        return continuous_eval(config, strategy, start, flags)
+    if chief:
+        prepare_model_dir(config, start)
     if config.mode == 'export':
-        if chief:
-            prepare_model_dir(config, 'eval')
-        model, step = restore_newest(config, strategy, info)
+        model, step = restore_newest(config, strategy, start)
         export_model(config, model, step)
         return None
-    plan = data.view_plan(config, True)  # before the model_dir is touched: it may refuse
-    if config.train_mode == 'distill':
-        from simclr_tf import teacher
-        teacher.check(config, info.num_classes)
-    if chief:
-        prepare_model_dir(config, 'train')
+    return train_then_eval(config, strategy, start, chief, flags)
+
+
+def train_then_eval(config: Config, strategy: tf.distribute.Strategy,
+                    start: plan_lib.StartPlan, chief: bool, flags: Optional[dict[str, Any]]
+                    ) -> Optional[dict[str, float]]:
+    """Trains as `start` says; with mode=train_then_eval then evaluates and exports."""
     task_id = getattr(getattr(strategy, 'cluster_resolver', None), 'task_id', 0) or 0
-    state = train.train(config, strategy, info, chief=chief, task_id=task_id, plan=plan)
+    state = train.train(config, strategy, start.data, chief=chief, task_id=task_id, plan=start)
     replaced = sources.undecodable_count()
     if replaced:
         logging.warning('%d training images could not be decoded and were replaced by grey ones '
@@ -94,7 +67,7 @@ def run(config: Config, flags: Optional[dict[str, Any]] = None) -> Optional[dict
         raise train.Preempted(state.stopped, state.step, state.checkpointer.latest)
     if config.mode == 'train':
         return None
-    result = evaluate.evaluate(config, strategy, state.model, info, state.step)
+    result = evaluate.evaluate(config, strategy, state.model, start.data, state.step)
     if chief:
         evaluate.write_results(config, result, flags)
         result['saved_model'] = export_model(config, state.model, state.step)
@@ -103,23 +76,49 @@ def run(config: Config, flags: Optional[dict[str, Any]] = None) -> Optional[dict
     return result
 
 
-def prepare_model_dir(config: Config, role: str) -> None:
-    """Claims model_dir for this run (the chief's job): creates it, takes the `role` lock, checks
-    config.json against `config`; for training also moves an old run aside (--start_over) or
-    removes an interrupted save's leftovers, and writes config.json."""
+def dry_run(config: Config, strategy: tf.distribute.Strategy, start: plan_lib.StartPlan) -> None:
+    """What a start does up to its first step, writing nothing: builds the model, restores its
+    start (model_dir's checkpoint, --checkpoint) and the teacher into it, and reads one batch (at
+    most DRY_RUN_BATCH images) of each split the run uses."""
+    if start.training:
+        train.build_state(config, strategy, start.data, plan=start, dry_run=True)
+    elif start.checkpoints:  # (mode=eval before any checkpoint: nothing to restore yet)
+        _, step = restore_newest(config, strategy, start)
+        logging.info('dry run: restored the checkpoint of step %d', step)
+    splits = ([config.train_split] if start.training else []) + (
+        [config.eval_split] if start.mode in ('eval', 'train_then_eval') else [])
+    if start.mode == 'eval' and config.knn_train_examples:
+        splits.append(config.train_split)  # the kNN monitor's labelled examples
+    for i, split in enumerate(splits):
+        training = start.training and i == 0
+        images, _ = data.first_batch(config, split, training, DRY_RUN_BATCH, start.replicas,
+                                     start.views if training else None)
+        logging.info('dry run: read a batch of %s: %s', split, 'x'.join(map(str, images.shape)))
+    logging.info('dry run: the run can start; nothing was written to %s', config.model_dir)
+
+
+def prepare_model_dir(config: Config, start: Optional[plan_lib.StartPlan] = None) -> None:
+    """Claims model_dir for this run (the chief's job): creates it and takes the lock of its role
+    (`.train.lock` for training, `.eval.lock` for eval and export). Training then moves an old run
+    aside (--start_over) or removes an interrupted save's leftovers, and writes config.json and
+    the start plan (plan.txt). The config check is the plan's (and, for mode=eval, checked again
+    once a checkpoint is there: the training run may have written config.json since)."""
     tf.io.gfile.makedirs(config.model_dir)
-    model_dir_lib.lock(config.model_dir, role)
-    if role != 'train':
-        model_dir_lib.check_config(config, config.model_dir)
+    training = config.mode in plan_lib.TRAINING
+    model_dir_lib.lock(config.model_dir, 'train' if training else 'eval')
+    if config.mode == 'eval':  # started before training wrote config.json: check it now
+        model_dir_lib.check_config(config, model_dir_lib.read_config(config.model_dir))
+    if not training:
         return
     if config.start_over:
         model_dir_lib.move_aside(config.model_dir)
     else:
-        model_dir_lib.check_config(config, config.model_dir)
         model_dir_lib.clean_leftovers(config.model_dir)
         from simclr_tf import export
         export.repair(config.model_dir)
     model_dir_lib.write_config(config)
+    if start is not None:
+        start.write()
 
 
 def export_model(config: Config, model: keras.Model, step: int) -> str:
@@ -129,23 +128,23 @@ def export_model(config: Config, model: keras.Model, step: int) -> str:
     return path
 
 
-def restore_for_inference(config: Config, strategy: tf.distribute.Strategy,
-                          info: data.DatasetInfo, path: str) -> tuple[keras.Model, int]:
+def restore_for_inference(config: Config, strategy: tf.distribute.Strategy, num_classes: int,
+                          path: str) -> tuple[keras.Model, int]:
     """The model of a training checkpoint, and its step (the `ckpt-<step>` number)."""
     with strategy.scope():
-        model = build_model(config, info.num_classes)
+        model = build_model(config, num_classes)
     tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
     return model, _step_of(path)
 
 
-def restore_newest(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetInfo
+def restore_newest(config: Config, strategy: tf.distribute.Strategy, start: plan_lib.StartPlan
                    ) -> tuple[keras.Model, int]:
-    """The newest checkpoint of model_dir that can be read (mode=export); older ones are tried
-    when the newest cannot be read, with a warning."""
+    """The newest of model_dir's checkpoints (as the plan found them) that can be read; older
+    ones are tried when the newest cannot be read, with a warning."""
     problems = []
-    for _, path in reversed(checkpoint.list_checkpoints(config.model_dir)):
+    for _, path in reversed(start.checkpoints):
         try:
-            return restore_for_inference(config, strategy, info, path)
+            return restore_for_inference(config, strategy, start.num_classes, path)
         except (tf.errors.OpError, IndexError, OSError) as e:
             logging.warning('checkpoint %s cannot be read (%s: %s); trying the one before', path,
                             type(e).__name__, str(e).strip()[:200])
@@ -154,8 +153,8 @@ def restore_newest(config: Config, strategy: tf.distribute.Strategy, info: data.
                       + (f' ({", ".join(problems)} cannot be read)' if problems else ''))
 
 
-def continuous_eval(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetInfo,
-                    flags: Optional[dict[str, Any]] = None,
+def continuous_eval(config: Config, strategy: tf.distribute.Strategy,
+                    start: plan_lib.StartPlan, flags: Optional[dict[str, Any]] = None,
                     wait_log_secs: Optional[float] = None) -> Optional[dict[str, float]]:
     """Evaluates every kept checkpoint not yet evaluated, then each new one, until the last step.
 
@@ -164,11 +163,9 @@ def continuous_eval(config: Config, strategy: tf.distribute.Strategy, info: data
     there. With eval_timeout > 0 it gives up after that many seconds without a new checkpoint;
     having seen none at all is then an error.
     """
-    from simclr_tf import optim
     wait_log_secs = WAIT_LOG_SECS if wait_log_secs is None else wait_log_secs
-    model_dir = config.model_dir
-    last_step = optim.train_steps(config, info.num_train_examples)
-    if not checkpoint.list_checkpoints(model_dir):
+    model_dir, last_step = config.model_dir, start.total_steps
+    if not start.checkpoints:
         where = '' if tf.io.gfile.isdir(model_dir) else ' (the directory does not exist yet)'
         logging.warning('no checkpoint in %s%s; waiting for checkpoints (%s)', model_dir, where,
                         f'eval_timeout={config.eval_timeout}s' if config.eval_timeout
@@ -178,24 +175,24 @@ def continuous_eval(config: Config, strategy: tf.distribute.Strategy, info: data
     while True:
         pending = [p for p in _unevaluated(model_dir) if p not in skipped]
         if pending and not claimed:
-            prepare_model_dir(config, 'eval')
+            prepare_model_dir(config)
             claimed = True
         for path in pending:
             try:
-                model, step = restore_for_inference(config, strategy, info, path)
+                model, step = restore_for_inference(config, strategy, start.num_classes, path)
             except (tf.errors.OpError, IndexError, OSError) as e:
                 # Deleted by training's keep_checkpoint_max while read, or damaged.
                 logging.warning('skipping checkpoint %s: %s: %s', path, type(e).__name__,
                                 str(e).strip()[:200])
                 skipped.add(path)
                 continue
-            result = evaluate.evaluate(config, strategy, model, info, step)
+            result = evaluate.evaluate(config, strategy, model, start.data, step)
             evaluate.write_results(config, result, flags)
             export_model(config, model, step)
             last_new = time.time()
             if step >= last_step:
                 return result
-        found = checkpoint.list_checkpoints(model_dir)
+        found = model_dir_lib.list_checkpoints(model_dir)
         if found and found[-1][0] >= last_step and not pending:
             return result  # the last step's checkpoint was evaluated before (e.g. by training)
         now = time.time()
@@ -215,7 +212,7 @@ def continuous_eval(config: Config, strategy: tf.distribute.Strategy, info: data
 
 def _unevaluated(model_dir: str) -> list[str]:
     """Checkpoints of model_dir, oldest first, that have no result_<step>.json yet."""
-    return [p for step, p in checkpoint.list_checkpoints(model_dir) if not tf.io.gfile.exists(
+    return [p for step, p in model_dir_lib.list_checkpoints(model_dir) if not tf.io.gfile.exists(
         os.path.join(model_dir, f'result_{step}.json'))]
 
 

@@ -12,6 +12,8 @@ again.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import tensorflow as tf
 
 from simclr_tf import encoders
@@ -40,8 +42,11 @@ def check(config: Config, num_classes: int) -> Source:
     return source
 
 
-def build(config: Config, num_classes: int, strategy: tf.distribute.Strategy) -> SimCLRModel:
-    """The frozen teacher with its weights, created in `strategy`'s scope."""
-    model = encoders.build(check(config, num_classes), num_classes, strategy, what='teacher')
+def build(config: Config, num_classes: int, strategy: tf.distribute.Strategy,
+          source: Optional[Source] = None) -> SimCLRModel:
+    """The frozen teacher with its weights, created in `strategy`'s scope; `source`: as `check`
+    found it (default: checked now)."""
+    source = source or check(config, num_classes)
+    model = encoders.build(source, num_classes, strategy, what='teacher')
     model.trainable = False
     return model

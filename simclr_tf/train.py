@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -21,6 +21,9 @@ from simclr_tf import teacher as teacher_lib
 from simclr_tf.checkpoint import Checkpointer
 from simclr_tf.config import Config
 from simclr_tf.model import SimCLRModel, build_model
+
+if TYPE_CHECKING:  # plan.py reads no training code; only its type is named here
+    from simclr_tf.plan import StartPlan
 
 # The original's scalar names (metrics.py), in the order a step produces them.
 PRETRAIN_METRICS = ('train/contrast_loss', 'train/contrast_acc', 'train/contrast_entropy')
@@ -77,8 +80,10 @@ def metric_names(config: Config, has_supervised_head: bool) -> tuple[str, ...]:
 
 
 def build_state(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetInfo,
-                chief: bool = True, task_id: int = 0) -> TrainState:
-    """Model, optimizer and checkpoint for `config`, restored from `model_dir` or `--checkpoint`."""
+                chief: bool = True, task_id: int = 0, plan: Optional[StartPlan] = None,
+                dry_run: bool = False) -> TrainState:
+    """Model, optimizer and checkpoint for `config`, restored as the start `plan` says (default:
+    decided now): from `model_dir`, `--checkpoint` or scratch; `dry_run`: reading only."""
     total = optim.train_steps(config, info.num_train_examples)
     with strategy.scope():
         model = build_model(config, info.num_classes)
@@ -87,10 +92,11 @@ def build_state(config: Config, strategy: tf.distribute.Strategy, info: data.Dat
         # Keras 3 creates slots lazily; build them now so a checkpoint restores into them.
         optimizer.build(model.trainable_variables)
         checkpointer = Checkpointer(config, model, optimizer, chief=chief, task_id=task_id)
-        logging.info('%s', checkpointer.restore(model))
+        logging.info('%s', checkpointer.restore(model, plan.weights if plan else None, dry_run))
     teacher = None
     if config.train_mode == 'distill':
-        teacher = teacher_lib.build(config, info.num_classes, strategy)
+        teacher = teacher_lib.build(config, info.num_classes, strategy,
+                                    plan.teacher if plan else None)
         logging.info('teacher: %s', config.teacher)
     return TrainState(model, optimizer, checkpointer, schedule, total,
                       optim.checkpoint_steps(config, info.num_train_examples), teacher=teacher)
@@ -342,20 +348,24 @@ def _write_image_summary(config: Config, plan: views.ViewPlan, writer, step: int
 def train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetInfo,
           chief: bool = True, task_id: int = 0,
           on_checkpoint: Optional[Callable[[TrainState], None]] = None,
-          plan: Optional[views.ViewPlan] = None) -> TrainState:
-    """Trains until `total_steps`, resuming from `model_dir`, with the views made as `plan`
-    (default: `data.view_plan`) says; returns the final state (with `stopped` set if
-    SIGTERM/SIGINT came, from the start of this call on)."""
-    plan = plan or data.view_plan(config, True)
-    logging.info('%s', plan.line())
+          plan: Optional[StartPlan] = None) -> TrainState:
+    """Trains until `total_steps` as the start `plan` says (default: decided now, the view plan
+    printed): resuming from `model_dir` or starting from `--checkpoint` or scratch; returns the
+    final state (with `stopped` set if SIGTERM/SIGINT came, from the start of this call on)."""
+    if plan is None:
+        views_plan = data.view_plan(config, True)
+        logging.info('%s', views_plan.line())
+    else:
+        views_plan = plan.views
     with _StopRequest() as stop:
-        return _train(config, strategy, info, chief, task_id, on_checkpoint, stop, plan)
+        return _train(config, strategy, info, chief, task_id, on_checkpoint, stop, views_plan,
+                      plan)
 
 
 def _train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetInfo, chief: bool,
            task_id: int, on_checkpoint: Optional[Callable[[TrainState], None]],
-           stop: '_StopRequest', plan: views.ViewPlan) -> TrainState:
-    state = build_state(config, strategy, info, chief=chief, task_id=task_id)
+           stop: '_StopRequest', plan: views.ViewPlan, start: Optional[StartPlan]) -> TrainState:
+    state = build_state(config, strategy, info, chief=chief, task_id=task_id, plan=start)
     names = metric_names(config, state.model.supervised_head is not None)
     writer = tf.summary.create_file_writer(config.model_dir) if chief else tf.summary.create_noop_writer()
     start = state.step

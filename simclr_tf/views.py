@@ -64,7 +64,8 @@ class ViewPlan:
         def ops(names):
             return ', '.join(names) or '-'
         where = 'on whole batches' if self.batched else 'image by image'
-        return (f'views: {self.views} an image; input stream ({where}): {ops(self.host)}; '
+        return (f'views: {self.views} view{"s" if self.views > 1 else ""} of each image; input '
+                f'stream ({where}): {ops(self.host)}; '
                 f'training step: {ops(self.in_step)}; crop: {CROPS[self.crop]}; colour '
                 f'distortion: {self.color} ({self.reason})')
 

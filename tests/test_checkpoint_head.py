@@ -131,11 +131,11 @@ def test_without_zero_init_the_run_refuses_at_start_naming_both_selectors(pretra
 
 def test_the_matching_selector_restores_the_head(pretrained, tmp_path):
     config = _finetune(pretrained, tmp_path / 'ft', ft_proj_selector=-1)
-    program.check_start(config)
-    checkpoint.check_head(config, 2)
+    start = checkpoint.resolve_start(config, [], 2)
     model = build_model(config, 2)
-    message = Checkpointer(config, model, keras.optimizers.SGD()).restore(model)
+    message = Checkpointer(config, model, keras.optimizers.SGD()).restore(model, start)
     assert 'new' not in message and 'fresh' not in message
+    assert message == start.describe()  # the start plan said what the restore did
 
 
 # ------------------------------------------------------------------ another class count
@@ -163,10 +163,11 @@ def test_another_class_count_starts_fresh_with_zero_init_and_is_refused_without(
 def test_a_schema_without_the_head_is_not_refused(pretrained, folders, tmp_path, schema):
     for dataset in folders.values():  # another width; another width and class count
         config = _finetune(pretrained, tmp_path / 'ft', dataset=dataset, variable_schema=schema)
-        program.check_start(config)
-        checkpoint.check_head(config, len(os.listdir(os.path.join(dataset, 'train'))))
+        classes = len(os.listdir(os.path.join(dataset, 'train')))
+        start = checkpoint.resolve_start(config, [], classes)
     model = build_model(config, 3)
     message = Checkpointer(config, model, keras.optimizers.SGD()).restore(model)
+    assert message == start.describe()
     assert re.search(r'new \(freshly initialised\): .*supervised_head', message)
     assert FRESH not in message
 
@@ -209,7 +210,7 @@ def test_legacy_checkpoints_key_the_head_under_the_optimizer_and_are_checked_too
     assert checkpoint.saved_head_shape(path) == (8, 10)
     finetune = config.replace(train_mode='finetune', ft_proj_selector=0, checkpoint=path)
     with pytest.raises(ConfigError, match="reads 8 inputs and this model's 64"):
-        checkpoint.check_head(finetune)  # no config.json beside it: the widths only
+        checkpoint.resolve_start(finetune, [], 10)  # no config.json beside it: the widths only
     # Written by key, without an object graph: found by its key.
     key = 'model/supervised_head/linear_layer/dense/_kernel/.ATTRIBUTES/VARIABLE_VALUE'
     by_key = str(tmp_path / 'by_key' / 'ckpt-1')

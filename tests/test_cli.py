@@ -36,10 +36,15 @@ def test_quickstart_prints_its_own_lines_and_no_tensorflow_chatter(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     for chatter in CHATTER:
         assert chatter not in run.stdout + run.stderr, chatter
-    for own in ('data/cifar10_sample: 1000 train / 200 eval examples', 'started from scratch',
+    for own in ('start plan: mode=train_then_eval, train_mode=pretrain', 'weights: from scratch',
+                'data: data/cifar10_sample: 1000 train / 200 eval examples',
+                'devices: 1 replica (one device: CPU), precision float32',
+                'views: 2 views of each image', 'started from scratch',
                 'step 1/2 |', 'step 2/2 |', 'eval at step 2:',
                 f'exported SavedModel to {tmp_path}/saved_model/2'):
         assert own in run.stderr, own
+    assert 'replicas' not in run.stderr  # one replica
+    assert 'start plan: mode=train_then_eval' in (tmp_path / 'plan.txt').read_text()
     assert 'step 2: linear head top-1' in run.stdout
     assert f'SavedModel: {tmp_path}/saved_model/2' in run.stdout
     # Every INFO line is the program's own (warnings would show, from any library).

@@ -23,7 +23,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from simclr_tf import checkpoint, data, export, faults, program, train
+from simclr_tf import checkpoint, data, export, faults, plan, program, train
 from simclr_tf import model_dir as model_dir_lib
 from simclr_tf.config import Config, ConfigError
 
@@ -131,7 +131,7 @@ def tiny_state(tmp_path_factory, sample_dir):
 
 def _run_with_checkpoints(tiny_state, config, steps=(1, 2)):
     """model_dir as a run leaves it after saving `steps`, plus an earlier export (saved_model/1)."""
-    program.prepare_model_dir(config, 'train')
+    program.prepare_model_dir(config)
     saver = checkpoint.Checkpointer(config, tiny_state.model, tiny_state.optimizer)
     for step in steps:
         tiny_state.optimizer.iterations.assign(step)
@@ -192,7 +192,7 @@ def test_a_write_that_fails_keeps_what_was_complete(disk, tiny_state, sample_dir
     assert sorted(n for n in os.listdir(exports) if not n.startswith('.')) == ['1']
     assert open(os.path.join(exports, '1', 'saved_model.pb')).read() == 'the export of step 1'
     model_dir_lib.release_locks()
-    program.prepare_model_dir(config, 'train')  # cleans the failed save's leftovers
+    program.prepare_model_dir(config)  # cleans the failed save's leftovers
     assert not [n for n in os.listdir(disk.path) if n.endswith('_temp')]
     assert not [n for n in os.listdir(exports) if n.startswith('.tmp')]
     resumed = checkpoint.Checkpointer(config, tiny_state.model, tiny_state.optimizer)
@@ -212,21 +212,20 @@ def test_a_checkpoint_being_written_by_another_run_is_named_with_what_to_do(
     (other / 'ckpt-2_temp').mkdir()
     config = _config(tmp_path / 'ft', sample_dir, train_mode='finetune',
                      checkpoint=str(other / 'ckpt-2'))
+    strategy = tf.distribute.get_strategy()
     with pytest.raises(ConfigError, match=r'checkpoint=.*ckpt-2.* is still being written '
                                           r'\(.*ckpt-2_temp exists.*wait for that save'):
-        program.check_start(config)  # before model_dir is touched
+        plan.resolve(config, strategy)  # before model_dir is touched
     assert not (tmp_path / 'ft').exists()
 
-    # Its files there, the data half written.
+    # Its files there, the data half written: the start plan cannot read it.
     shutil.copy(other / 'ckpt-1.index', other / 'ckpt-2.index')
     with open(other / 'ckpt-2.data-00000-of-00001', 'wb') as f, \
             open(other / 'ckpt-1.data-00000-of-00001', 'rb') as g:
         f.write(g.read()[:1000])
-    program.check_start(config)
-    program.prepare_model_dir(config, 'train')
     with pytest.raises(faults.Unreadable) as raised:
-        checkpoint.Checkpointer(config, tiny_state.model, tiny_state.optimizer).restore(
-            tiny_state.model)
+        plan.resolve(config, strategy)
+    assert not (tmp_path / 'ft').exists()
     message = faults.explain(raised.value, config).message
     print(message)
     assert message == (

@@ -48,7 +48,7 @@ def trained(tmp_path_factory, sample_dir):
     """A model_dir with ckpt-1, ckpt-2, ckpt-3 of a tiny model and its optimizer (copied by the
     tests that damage it). Saved as training saves them, without the cost of training steps."""
     config = _config(tmp_path_factory.mktemp('trained'), sample_dir)
-    program.prepare_model_dir(config, 'train')
+    program.prepare_model_dir(config)
     state = _state(config)
     for step in (1, 2, 3):
         state.optimizer.iterations.assign(step)
@@ -107,7 +107,7 @@ def test_never_starts_from_scratch_over_a_previous_run(trained, tmp_path):
 
     # --start_over moves everything aside (nothing deleted) and starts from scratch.
     over = config.replace(model_dir=str(only_export), start_over=True)
-    program.prepare_model_dir(over, 'train')
+    program.prepare_model_dir(over)
     assert _state(over).step == 0
     previous = [p for p in only_export.iterdir() if p.name.startswith('previous-')]
     assert len(previous) == 1 and (previous[0] / 'saved_model' / '40').is_dir()
@@ -139,24 +139,30 @@ def test_a_second_run_sees_the_lock_and_a_killed_run_leaves_none(tmp_path):
 
 
 def test_a_rerun_with_other_hyperparameters_stops_naming_them(tmp_path, sample_dir):
+    from simclr_tf import plan
     config = _config(tmp_path, sample_dir)
-    program.prepare_model_dir(config, 'train')
+    program.prepare_model_dir(config)
     written = (tmp_path / 'config.json').read_text()
     model_dir_lib.release_locks()
     other = config.replace(seed=1, temperature=0.2)
     with pytest.raises(ConfigError) as error:
-        program.prepare_model_dir(other, 'train')
+        plan.resolve(other, tf.distribute.get_strategy())  # the start plan's check
     message = str(error.value)
     assert '--seed=1 (model_dir has 7)' in message
     assert '--temperature=0.2 (model_dir has 0.1)' in message
-    assert 'learning_rate' not in message
+    assert 'learning_rate' not in message and '--start_over' in message
     assert (tmp_path / 'config.json').read_text() == written  # not rewritten
-    model_dir_lib.release_locks()
+    # A run that does not train is never told to start over.
+    with pytest.raises(ConfigError) as error:
+        plan.resolve(other.replace(mode='eval'), tf.distribute.get_strategy())
+    assert '--seed=1 (model_dir has 7)' in str(error.value)
+    assert 'start_over' not in str(error.value)
     # What may change on resume: longer training, other mode, eval and resource flags.
     longer = config.replace(train_steps=10, mode='train_then_eval', eval_steps=2,
                             keep_checkpoint_max=2, intra_op_threads=1)
-    program.prepare_model_dir(longer, 'train')
+    program.prepare_model_dir(longer, plan.resolve(longer, tf.distribute.get_strategy()))
     assert json.loads((tmp_path / 'config.json').read_text())['train_steps'] == 10
+    assert 'start plan: mode=train_then_eval' in (tmp_path / 'plan.txt').read_text()
 
 
 # ------------------------------------------------------------------ kill -9 inside a save
@@ -268,7 +274,7 @@ def test_leftovers_are_removed_and_an_export_cut_between_renames_is_restored(tmp
     (exports / '.old-4-89abcdef' / 'saved_model.pb').write_text('the export of step 4')
     (exports / '3').mkdir()
     (exports / '.old-3-01234567').mkdir()  # replaced already: this one is litter
-    program.prepare_model_dir(_config(tmp_path, sample_dir), 'train')
+    program.prepare_model_dir(_config(tmp_path, sample_dir))
     assert not (tmp_path / 'ckpt-5_temp').exists()
     assert not (tmp_path / 'checkpoint.tmp0123abcd').exists()
     assert sorted(os.listdir(exports)) == ['3', '4']

@@ -300,7 +300,7 @@ def _train_run(model_dir, sample_dir, name, steps, **changes):
     try:
         program.set_up(config)
         os.makedirs(config.model_dir, exist_ok=True)
-        model_dir_lib.check_config(config, config.model_dir)  # resumable: not refused
+        model_dir_lib.check_config(config, model_dir_lib.read_config(config.model_dir))  # resumable
         model_dir_lib.write_config(config)
         info = data.dataset_info(config, need_eval=False)
         return train.train(config, tf.distribute.get_strategy(), info)

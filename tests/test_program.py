@@ -38,8 +38,9 @@ def test_authors_readme_commands_run_unchanged(tmp_path, sample_dir):
         '--use_tpu=False', *extra)
     assert pretrain.returncode == 0, pretrain.stderr[-3000:]
     assert tf.train.latest_checkpoint(str(pretrain_dir)).endswith('ckpt-2')
-    # The view plan, one line at the start (CPU only, images of one size).
-    plan = [line for line in pretrain.stderr.splitlines() if 'views: 2 an image' in line]
+    # The start plan, one block at the start, its view plan one line (CPU only, one image size).
+    assert 'start plan: mode=train, train_mode=pretrain' in pretrain.stderr
+    plan = [line for line in pretrain.stderr.splitlines() if 'views: 2 views of each image' in line]
     assert len(plan) == 1 and 'crop: random crops of whole batches' in plan[0]
     assert '(auto: CPU only, images of one size)' in plan[0]
 
@@ -53,6 +54,13 @@ def test_authors_readme_commands_run_unchanged(tmp_path, sample_dir):
         f'--checkpoint={pretrain_dir}', f'--model_dir={ft_dir}', '--use_tpu=False', *extra)
     assert linear.returncode == 0, linear.stderr[-3000:]
     assert 'initialised' in linear.stderr and 'supervised head zero-initialised' in linear.stderr
+    # The plan said it before the model was built: the encoder from the checkpoint, the heads new.
+    planned = re.search(r'weights: (initialised (\d+) variables from .*)', linear.stderr)
+    assert planned.group(1) == (
+        f'initialised {planned.group(2)} variables from {pretrain_dir}/ckpt-2; projection_head, '
+        'supervised_head not selected by --variable_schema; new (freshly initialised): '
+        'projection_head, supervised_head (supervised head zero-initialised)')
+    assert f'restored {planned.group(2)} variables from {pretrain_dir}/ckpt-2' in linear.stderr
     result = json.loads((ft_dir / 'result.json').read_text())
     assert result['global_step'] == 2
     assert 0.0 <= result['eval/label_top_1_accuracy'] <= 1.0
@@ -156,6 +164,8 @@ def test_sigterm_checkpoints_exits_75_and_resumes_and_a_second_signal_stops_at_o
     _, rest = proc.communicate(timeout=60)
     log = ''.join(seen) + rest
     assert f'resumed from {tmp_path}/ckpt-{stopped_at}' in log, log[-3000:]
+    assert f'weights: resumes from {tmp_path}/ckpt-{stopped_at} (step {stopped_at})' in log
+    assert f'steps {stopped_at} to 40' in log  # the plan's schedule starts where it stopped
     assert proc.returncode == 128 + signal.SIGINT, log[-3000:]
     assert 'stopping now, without a checkpoint' in log
     assert checkpoint.list_checkpoints(str(tmp_path))[-1][0] == stopped_at

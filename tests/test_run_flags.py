@@ -103,7 +103,7 @@ def test_train_summary_steps_0_writes_no_step_summaries(tmp_path, sample_dir):
                     width_multiplier=0.125, proj_out_dim=8, train_batch_size=8, train_steps=2,
                     checkpoint_steps=2, use_tpu=False, use_blur=False, warmup_epochs=0,
                     train_summary_steps=0, model_dir=str(tmp_path),
-                    train_mode='finetune').validate()
+                    train_mode='supervised').validate()
     assert train.steps_per_loop(config, 2) == 2 and train.steps_per_loop(Config(), 500) == 100
     strategy = tf.distribute.get_strategy()
     state = train.train(config, strategy, data.dataset_info(config))

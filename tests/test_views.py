@@ -57,9 +57,9 @@ def test_colour_before_other_ops_stays_on_the_host_and_step_refuses_it():
 def test_the_plan_reads_in_one_line():
     line = views.plan_views(CONFIG.replace(use_blur=True), True, None, True, True).line()
     assert '\n' not in line
-    assert line == ('views: 2 an image; input stream (image by image): crop, flip; training '
-                    "step: color, blur; crop: random crops, each JPEG decoded only in its crops' "
-                    'window; colour distortion: step (auto: the training step runs on an '
+    assert line == ('views: 2 views of each image; input stream (image by image): crop, flip; '
+                    "training step: color, blur; crop: random crops, each JPEG decoded only in its "
+                    "crops' window; colour distortion: step (auto: the training step runs on an "
                     'accelerator)')
 
 
