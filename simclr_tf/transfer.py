@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from typing import Optional
 
