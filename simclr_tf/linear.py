@@ -25,6 +25,10 @@ PAPER_GRID = tuple(float(v) for v in np.logspace(-6, 5, 45))
 VALIDATION_FRACTION = 0.2  # of each class of train, held out where a data set has no validation
 # (the data sources' HELD_OUT)
 MAX_ITER = 1000
+# BLAS/OpenMP threads of a fit: the loss and gradient of these sizes gain little from a second
+# core, and threads that spin while another process holds the cores slow L-BFGS tenfold
+# (bench/linear_classifier.py measures both).
+THREADS = 1
 
 
 def accuracies(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> dict[str, float]:
@@ -69,9 +73,7 @@ def _fit(model, x: np.ndarray, y: np.ndarray, l2: float):
     """model (warm-started from its last solution, if any) fitted at λ = l2 on standardised x."""
     from threadpoolctl import threadpool_limits
     model.set_params(C=1.0 / (l2 * len(x)))
-    # One thread: the loss and gradient of these sizes gain little from a second core, and
-    # OpenMP/BLAS threads that spin while another process holds the cores slow L-BFGS tenfold.
-    with warnings.catch_warnings(), threadpool_limits(1):
+    with warnings.catch_warnings(), threadpool_limits(THREADS):
         # Weakly regularised fits may stop at max_iter; their validation score says enough.
         warnings.simplefilter('ignore')
         return model.fit(x, y)
