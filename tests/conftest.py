@@ -34,21 +34,26 @@ def sample_dir() -> str:
     return SAMPLE_DIR
 
 
+def sample_folder(root, classes=('airplane', 'cat'), train: int = 8, test: int = 2,
+                  test_classes=None) -> str:
+    """root/{train,test}/<class>/ with the sample's first `train` and `test` images of each class
+    (`test_classes`: other classes in test)."""
+    import shutil
+    for split, n, names in (('train', train, classes), ('test', test, test_classes or classes)):
+        for cls in names:
+            os.makedirs(os.path.join(root, split, cls))
+            for name in sorted(os.listdir(os.path.join(SAMPLE_DIR, split, cls)))[:n]:
+                shutil.copy(os.path.join(SAMPLE_DIR, split, cls, name),
+                            os.path.join(root, split, cls))
+    return str(root)
+
+
 @pytest.fixture
-def small_folder(tmp_path, sample_dir):
+def small_folder(tmp_path):
     """tmp_path/data: `per_class` training and 2 test images of the sample's airplanes and cats
     (8 each: 16 training images, one global batch of the tests that need exactly one)."""
-    import shutil
-
-    def copy(per_class: int = 8):
-        root = tmp_path / 'data'
-        for split, n in (('train', per_class), ('test', 2)):
-            for cls in ('airplane', 'cat'):
-                os.makedirs(root / split / cls)
-                for name in sorted(os.listdir(os.path.join(sample_dir, split, cls)))[:n]:
-                    shutil.copy(os.path.join(sample_dir, split, cls, name), root / split / cls)
-        return root
-    return copy
+    import pathlib
+    return lambda per_class=8: pathlib.Path(sample_folder(tmp_path / 'data', train=per_class))
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ selectors. The encoder and projection head are restored either way."""
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import sample_folder
 from simclr_tf import checkpoint, data, program, train
 from simclr_tf.checkpoint import Checkpointer
 from simclr_tf.config import Config, ConfigError
@@ -31,21 +31,12 @@ FLAGS = [f'--{k}={v}' for k, v in TINY.items() if k not in ('seed', 'steps_per_l
 pytestmark = pytest.mark.usefixtures('release_locks')  # in-process runs take locks
 
 
-def _folder(root, sample_dir: str, classes: tuple[str, ...]) -> str:
-    for split, n in (('train', 8), ('test', 2)):
-        for cls in classes:
-            os.makedirs(root / split / cls)
-            for name in sorted(os.listdir(os.path.join(sample_dir, split, cls)))[:n]:
-                shutil.copy(os.path.join(sample_dir, split, cls, name), root / split / cls)
-    return str(root)
-
-
 @pytest.fixture(scope='module')
 def folders(tmp_path_factory, sample_dir) -> dict[int, str]:
     """Image folders of 2 and 3 classes."""
     root = tmp_path_factory.mktemp('folders')
-    return {2: _folder(root / 'two', sample_dir, ('airplane', 'cat')),
-            3: _folder(root / 'three', sample_dir, ('airplane', 'cat', 'ship'))}
+    return {2: sample_folder(root / 'two', ('airplane', 'cat')),
+            3: sample_folder(root / 'three', ('airplane', 'cat', 'ship'))}
 
 
 @pytest.fixture(scope='module')

@@ -19,21 +19,11 @@ from simclr_tf.model import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import sample_folder  # noqa: E402
 from test_authors import fixture_of, write_checkpoint, write_saved_model  # noqa: E402
 
 ENCODER = Config(resnet_depth=18, width_multiplier=0.125, image_size=16, proj_out_dim=8,
                  lineareval_while_pretraining=True, use_tpu=False)
-
-
-def _folder(root, sample_dir, classes=('airplane', 'cat', 'ship'), train=12, test=4,
-            test_classes=None):
-    """<root>/{train,test}/<class>/ with the sample's first images of each class."""
-    for split, n, names in (('train', train, classes), ('test', test, test_classes or classes)):
-        for c in names:
-            os.makedirs(root / split / c)
-            for f in sorted(os.listdir(os.path.join(sample_dir, split, c)))[:n]:
-                shutil.copy(os.path.join(sample_dir, split, c, f), root / split / c)
-    return str(root)
 
 
 @pytest.fixture(scope='module')
@@ -52,7 +42,7 @@ def sources_of(tmp_path_factory, sample_dir):
     fixture = fixture_of('r18_cifar')
     theirs = write_checkpoint(fixture, str(root / 'theirs' / 'ckpt-1'))
     their_export = write_saved_model(fixture, str(root / 'theirs_export' / 'saved_model' / '1'))
-    target = _folder(root / 'target', sample_dir)
+    target = sample_folder(root / 'target', ('airplane', 'cat', 'ship'), 12, 4)
     return dict(model_dir=str(model_dir), prefix=prefix, export=saved, theirs=theirs,
                 their_export=their_export, target=target, root=root)
 
@@ -163,13 +153,13 @@ def test_bad_input_ends_in_one_error_line_and_writes_nothing(case, sources_of, s
                                                              tmp_path, capsys):
     target, extra = sources_of['target'], []
     if case == 'one_class':
-        target = _folder(tmp_path / 'one', sample_dir, classes=('cat',))
+        target = sample_folder(tmp_path / 'one', ('cat',))
     elif case == 'unseen_test_class':
-        target = _folder(tmp_path / 'other', sample_dir, test_classes=('airplane', 'dog'))
+        target = sample_folder(tmp_path / 'other', test_classes=('airplane', 'dog'))
     elif case == 'image_size':
         extra = ['--image_size=64']  # a CIFAR-stem encoder at 64 px
     else:
-        target = _folder(tmp_path / 'nosplit', sample_dir)
+        target = sample_folder(tmp_path / 'nosplit')
         shutil.rmtree(os.path.join(target, 'test'))
     out = tmp_path / 'out'
     with pytest.raises(SystemExit) as exit_:
