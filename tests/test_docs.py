@@ -526,6 +526,25 @@ def _checkpoint_with_supervised_training(tmp_path, two_replicas, monkeypatch):
         program.run(_config(tmp_path, '--train_mode=supervised', f'--checkpoint={tmp_path}/x'))
 
 
+def _other_hyperparameters_on_resume(tmp_path, two_replicas, monkeypatch):
+    """A rerun in a model_dir whose config.json has other fixed hyperparameters stops."""
+    from simclr_tf import model_dir
+    from simclr_tf.config import ConfigError
+    saved = _config(tmp_path, '--temperature=0.5').to_dict()
+    with pytest.raises(ConfigError, match=r'other hyperparameters.*--temperature=0.1.*start_over'):
+        model_dir.check_config(_config(tmp_path, '--temperature=0.1'), saved)
+
+
+def _architecture_flag_on_export(tmp_path, two_replicas, monkeypatch):
+    """mode=export takes the model_dir's config.json; an architecture flag that differs stops."""
+    from simclr_tf import model_dir
+    from simclr_tf.config import ConfigError
+    (tmp_path / 'config.json').write_text(_config(tmp_path).to_json())
+    values = _config(tmp_path, '--mode=export', '--resnet_depth=34').to_dict()
+    with pytest.raises(ConfigError, match=r'mode=export reads .* --resnet_depth=34'):
+        model_dir.with_saved_defaults(values, {'resnet_depth', 'mode', 'model_dir'})
+
+
 # Each case a page may call a flag refused or ignored in: (the flag, words that name the case,
 # the verdict, the check of the program in that case). A statement of a case not here fails
 # below: add it here with its check, or say it in the one place that already does.
@@ -534,6 +553,8 @@ CLAIMS = [
     ('jit_compile', r'GPUs', 'ignored', _jit_compile_on_gpus),
     ('use_tpu', r'`--cpu_replicas`', 'refused', _use_tpu_with_cpu_replicas),
     ('checkpoint', r'supervised', 'refused', _checkpoint_with_supervised_training),
+    ('start_over', r'other hyperparameters', 'refused', _other_hyperparameters_on_resume),
+    ('resnet_depth', r'mode=export', 'refused', _architecture_flag_on_export),
 ]
 # Pages describing the program as it is (CHANGELOG.md also tells what it did before).
 CURRENT = [page for page in PAGES if page != 'CHANGELOG.md']
