@@ -18,7 +18,9 @@ Every SimCLR arm is the main run's recipe (flags/cifar10_main.cfg: quarter-width
 pretrained (--mode=train) for its own epochs with a warmup of 10 % of them, then probed with
 `python -m simclr_tf.probe` fitted on the whole train split and tested on the test split. Arms
 with the same knobs are one run, whichever stages name them (the 8-epoch recipe at seed 0 is an
-arm of all four). A stage trains all its arms, then probes them.
+arm of all four). Each arm is probed as soon as it is trained, and recorded, so that a stage cut
+short by the end of a session keeps every arm it finished; the arms that decide a finding come
+first (seed 0 before seed 1, the linear and the paper's nonlinear head before the others).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def arm(supervised: bool = False, **knobs) -> dict:
 
 
 STAGES = {
-    'head_long': [arm(head=h, seed=s) for s in (0, 1) for h in HEADS],
+    'head_long': [arm(head=h, seed=s) for s in (0, 1)
+                  for h in ('nonlinear2', 'linear', 'none', 'nonlinear3')],
     'color_long': [arm(color=c, seed=s) for s in (0, 1) for c in (0.5, 1.0)],
     'batch': ([arm(batch=b, epochs=e) for e in (2, 8) for b in (128, 256, 512)]
               + [arm(batch=b, epochs=2, seed=1) for b in (128, 512)]),
@@ -84,33 +87,30 @@ def run(study, stages: list[str], data: str, work: str, main_flagfile: str) -> N
     for stage in stages:
         if stage not in STAGES:
             continue
-        arms = STAGES[stage]
-        for a in arms:
+        index = dict(study.record.get('findings', {}))
+        for a in STAGES[stage]:
             model_dir = os.path.join(work, name(a))
             if a['supervised']:
                 study.step(name(a), supervised + flags(a, lr) + [f'--model_dir={model_dir}'],
                            os.path.join(model_dir, 'result.json'))
             else:
                 study.step(name(a), simclr + flags(a) + [f'--model_dir={model_dir}'])
-        index = dict(study.record.get('findings', {}))
-        for a in arms:
             runs = {'train': name(a)}
             if not a['supervised']:
                 for output in outputs(stage, a):
                     key = f'probe_{name(a)}' + ('' if output == H else '_z')
                     out = os.path.join(work, f'{key}.json')
-                    study.step(key, probe + [f'--model={os.path.join(work, name(a))}',
-                                             f'--output={output}', f'--out={out}'],
-                               out, after=(name(a),))
+                    study.step(key, probe + [f'--model={model_dir}', f'--output={output}',
+                                             f'--out={out}'], out, after=(name(a),))
                     runs['z' if output == Z else 'h'] = key
                 if stage == 'head_long':  # the authors' own measure: the head trained alongside
-                    key, model_dir = f'eval_{name(a)}', os.path.join(work, name(a))
+                    key = f'eval_{name(a)}'
                     study.step(key, simclr + flags(a) + [f'--model_dir={model_dir}',
                                                          '--mode=eval', '--eval_timeout=1'],
                                os.path.join(model_dir, 'result.json'), after=(name(a),))
                     runs['alongside'] = key
             index.setdefault(stage, {})[name(a)] = {**a, **runs}
-        study.note('findings', {**study.record.get('findings', {}), stage: index[stage]})
+            study.note('findings', {**study.record.get('findings', {}), stage: index[stage]})
 
 
 def supervised_command(data: str) -> list[str]:

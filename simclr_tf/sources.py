@@ -437,7 +437,6 @@ def decode_crops(encoded: tf.Tensor, draw: Callable[[tf.Tensor, tf.Tensor], tupl
     return tf.ensure_shape(pixels, [None, None, 3]), boxes, extra
 
 
-@functools.lru_cache(maxsize=16)
 def image_label_keys(features) -> Optional[tuple[str, str]]:
     """('image', 'label') for a TFDS builder that declares no supervised keys (DTD, SUN397) but
     has an image and a single class label under those names; else None."""
@@ -448,6 +447,7 @@ def image_label_keys(features) -> Optional[tuple[str, str]]:
     return None
 
 
+@functools.lru_cache(maxsize=16)
 def open_source(dataset: str, data_dir: Optional[str]):
     """The source `--dataset` names: an image folder (a directory) or a TFDS builder, checked;
     one object a process."""

@@ -211,7 +211,13 @@ KILLER = textwrap.dedent('''
                 os._exit(3)
             os._exit(0)
         os.close(w)
-        deadline, text = time.time() + (rng.uniform(0.05, 0.6) if i < kills else 120), b''
+        # Even savers are killed at a random moment from their start (a restore, a save); odd ones
+        # at a random moment after their restore, so that most kills land in saves and deletions
+        # however slow a loaded machine makes start-up.
+        delay = rng.uniform(0.05, 0.6)
+        after_restore = i < kills and i % 2 == 1
+        deadline = time.time() + (delay if i < kills and not after_restore else 120)
+        text = b''
         while time.time() < deadline:
             ready, _, _ = select.select([r], [], [], max(deadline - time.time(), 0))
             if not ready:
@@ -220,6 +226,8 @@ KILLER = textwrap.dedent('''
             if not chunk:
                 break
             text += chunk
+            if after_restore and b'resumed' in text:
+                after_restore, deadline = False, time.time() + delay
         if i < kills:
             os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
