@@ -79,7 +79,8 @@ def summary(result: dict) -> str:
     if 'eval/knn_num_train_examples' in result:
         parts[-1] += f' ({int(result["eval/knn_num_train_examples"])} labelled train examples)'
     lines = [f'step {int(result["global_step"])}: ' + ', '.join(parts)
-             + f' on {int(result["eval/num_examples"])} {FLAGS.eval_split} examples']
+             + f' on {int(result["eval/num_examples"])} {FLAGS.eval_split} examples'
+             + (f' ({result["older_than"]})' if result.get('older_than') else '')]
     if result.get('saved_model'):
         lines.append(f'SavedModel: {result["saved_model"]}')
     if result.get('undecodable_images'):

@@ -15,6 +15,7 @@ import shutil
 from typing import Optional
 
 import tensorflow as tf
+from google.protobuf.message import DecodeError
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from simclr_tf import authors, authors_layout, faults, optim
@@ -32,8 +33,7 @@ PARTS = {'encoder': 'resnet/', 'projection_head': 'head_contrastive/',
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint prefix from a prefix or a directory (its latest checkpoint)."""
     if tf.io.gfile.isdir(path):
-        found = list_checkpoints(path)
-        latest = tf.train.latest_checkpoint(path) or (found[-1][1] if found else None)
+        latest = latest_in(path)
         if latest is None:
             raise ConfigError(f'checkpoint={path!r} is a directory with no checkpoint in it')
         return latest
@@ -46,10 +46,22 @@ def resolve_checkpoint(path: str) -> str:
     return path
 
 
+def latest_in(directory: str) -> Optional[str]:
+    """A directory's latest checkpoint: as its `checkpoint` state file says, else the newest
+    `ckpt-<N>` there (a state file that is not text is ignored, as TensorFlow ignores one it
+    cannot parse)."""
+    try:
+        latest = tf.train.latest_checkpoint(directory)
+    except UnicodeDecodeError:
+        latest = None
+    found = list_checkpoints(directory)
+    return latest or (found[-1][1] if found else None)
+
+
 def check_start(path: str) -> None:
     """Fails early, with a clear message, when `--checkpoint` names nothing to start from: a
     checkpoint (prefix or directory) or one of the authors' SavedModel exports."""
-    if tf.io.gfile.isdir(path) and tf.train.latest_checkpoint(path) is None:
+    if tf.io.gfile.isdir(path) and latest_in(path) is None:
         if authors.find_saved_model(path) is None:
             raise ConfigError(f'checkpoint={path!r} is a directory with neither a checkpoint nor '
                               'a SavedModel in it')
@@ -95,8 +107,9 @@ class Checkpointer:
     """Model, optimizer (and so the global step, `optimizer.iterations`) in `model_dir`.
 
     Resuming does not trust the `checkpoint` state file: it tries the `ckpt-<N>` files found in
-    model_dir, newest first, sets aside (renames, never deletes) any that cannot be read, and
-    rewrites the state file to what it found. On a non-chief worker of a multi-worker run every
+    model_dir, newest first, sets aside (renames, never deletes) any whose files are damaged, and
+    rewrites the state file to what it found. A checkpoint it may not read (permissions) or of
+    another model stops the run instead. On a non-chief worker of a multi-worker run every
     worker must take part in the save; those write to a scratch directory that is removed.
     """
 
@@ -104,22 +117,37 @@ class Checkpointer:
                  task_id: int = 0):
         self.config = config
         self.chief = chief
+        self._model, self._optimizer = model, optimizer
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer_state(optimizer),
                                               **loss_scale_state(optimizer))
-        # What a resume must find (float16's loss scale may be missing: another precision's run).
-        self._required = tf.train.Checkpoint(model=model, optimizer=optimizer_state(optimizer))
         self._loss_scale = loss_scale_state(optimizer)
-        self._legacy = tf.train.Checkpoint(model=model, optimizer=optimizer)  # reads older ones
         self._scratch = None
         self._directory = config.model_dir
         if not chief:
             self._scratch = os.path.join(config.model_dir, f'.worker_{task_id}_scratch')
             self._directory = self._scratch
-        self.manager = self._new_manager()
+        self._manager = None  # made at the first save: it reads the state file
+
+    @property
+    def manager(self) -> tf.train.CheckpointManager:
+        if self._manager is None:
+            self._manager = self._new_manager()
+        return self._manager
 
     def _new_manager(self) -> tf.train.CheckpointManager:
-        return tf.train.CheckpointManager(self.checkpoint, directory=self._directory,
-                                          max_to_keep=self.config.keep_checkpoint_max)
+        try:
+            return tf.train.CheckpointManager(self.checkpoint, directory=self._directory,
+                                              max_to_keep=self.config.keep_checkpoint_max)
+        except UnicodeDecodeError:  # TensorFlow ignores a state file it cannot parse, not this
+            state = os.path.join(self._directory, 'checkpoint')
+            found = list_checkpoints(self._directory)
+            logging.warning('%s is not text; written again from the checkpoints found', state)
+            if found:
+                write_state_file(self._directory, found[-1][1], [p for _, p in found])
+            else:  # it names no checkpoint there: the next save writes it
+                tf.io.gfile.remove(state)
+            return tf.train.CheckpointManager(self.checkpoint, directory=self._directory,
+                                              max_to_keep=self.config.keep_checkpoint_max)
 
     @property
     def latest(self) -> Optional[str]:
@@ -136,8 +164,8 @@ class Checkpointer:
                 dry_run: bool = False) -> str:
         """Restores what `start` says (default: `resolve_start` now); says what it did.
 
-        A resume tries model_dir's checkpoints newest first and sets aside (renames) those that
-        cannot be read; `dry_run` only reads (nothing renamed, no state file written).
+        A resume tries model_dir's checkpoints newest first and sets aside (renames) those whose
+        files are damaged; `dry_run` only reads (nothing renamed, no state file written).
         """
         if start is None:
             found = list_checkpoints(self.config.model_dir)
@@ -161,45 +189,73 @@ class Checkpointer:
         if self.chief and not dry_run:
             paths = [p for _, p in start.checkpoints]  # those newer than `resumed` were set aside
             write_state_file(model_dir, resumed, paths[:paths.index(resumed) + 1])
-            self.manager = self._new_manager()  # it read the state file when created
+            self._manager = None  # made again: it reads the state file when made
         return f'resumed from {resumed}'
 
-    def _checkpoint_for(self, prefix: str) -> tf.train.Checkpoint:
-        """What reads `prefix`: checkpoints written before model variables were keyed by name
-        need the optimizer's own object graph."""
-        try:
-            return self._legacy if is_legacy(prefix) else self._required
-        except (tf.errors.OpError, IndexError, OSError):  # unreadable: restore_problem says why
-            return self._required
+    def _root(self, prefix: str) -> tf.train.Checkpoint:
+        """A new tf.train.Checkpoint of the model and optimizer for restoring `prefix`.
+
+        New for each attempt: a restore that fails leaves a deferred restoration of the root's
+        `save_counter` (created only after a restore succeeds) pointing at the checkpoint that
+        failed. A later restore through the same root creates `save_counter`, runs that stale
+        restoration (reading the failed, by then renamed, checkpoint: NotFoundError) and fails,
+        and the one after finds `save_counter` unmatched, taken for another model. Checkpoints
+        written before model variables were keyed by name need the optimizer's object graph."""
+        if is_legacy(prefix):
+            return tf.train.Checkpoint(model=self._model, optimizer=self._optimizer)
+        return tf.train.Checkpoint(model=self._model, optimizer=optimizer_state(self._optimizer))
 
     def _restore_newest_readable(self, found: tuple[tuple[int, str], ...], rename: bool
                                  ) -> tuple[Optional[str], list[str]]:
-        """(the prefix restored, the prefixes that could not be read), trying the newest first;
-        `rename`: set those aside."""
+        """(the prefix restored, the damaged prefixes with their damage), trying the newest
+        first; `rename`: set the damaged ones aside. Stops (ConfigError) at a checkpoint it may
+        not read or of another model: those are not damaged, and are never renamed."""
         set_aside = []
         for _, prefix in reversed(found):
-            problem = restore_problem(self._checkpoint_for(prefix), prefix)
-            if problem is None:
+            damage = read_problem(prefix)
+            if damage is None:
+                damage = self._restore_into_model(prefix)
+            if damage is None:
                 if self._loss_scale:  # float16: its scale if saved, else it starts afresh
                     tf.train.Checkpoint(**self._loss_scale).restore(prefix).expect_partial()
-                if set_aside:
-                    logging.warning('resuming from %s, the newest readable checkpoint', prefix)
                 return prefix, set_aside
-            if problem.startswith(MISMATCH):
-                raise ConfigError(f'checkpoint {prefix} does not hold this model ({problem}); '
-                                  'were its flags different? (see model_dir/config.json)')
             if rename:
-                logging.warning('checkpoint %s cannot be read (%s); set aside as %s, trying the '
-                                'one before', prefix, problem, set_aside_checkpoint(prefix))
+                logging.warning('checkpoint %s is damaged (%s): set aside as %s; trying the one '
+                                'before', prefix, damage, set_aside_checkpoint(prefix))
             else:
-                logging.warning('checkpoint %s cannot be read (%s); trying the one before',
-                                prefix, problem)
-            set_aside.append(f'{prefix} ({problem})')
+                logging.warning('checkpoint %s is damaged (%s); trying the one before', prefix,
+                                damage)
+            set_aside.append(f'{prefix} ({damage})')
         return None, set_aside
+
+    def _restore_into_model(self, prefix: str) -> Optional[str]:
+        """Restores `prefix` (its files read whole already); None if that worked, else its
+        damage (its files changed since they were read)."""
+        try:
+            self._root(prefix).restore(prefix).assert_existing_objects_matched()
+        except (AssertionError, ValueError) as e:  # variables missing or of other shapes
+            raise ConfigError(f'checkpoint {prefix} does not hold this model ({MISMATCH}: '
+                              f'{first_line(e)}); were its flags different? (see '
+                              'model_dir/config.json)') from e
+        except READ_ERRORS as e:
+            return damage_or_stop(prefix, e)
+        return None
 
 
 UNREADABLE = 'unreadable-'  # prefix of a checkpoint's files once set aside
 MISMATCH = 'structure mismatch'
+# What reading a checkpoint's files raises: TensorFlow's errors (its reader raises the base
+# OpError for most), IndexError past the end of a short file, protobuf's DecodeError.
+READ_ERRORS = (tf.errors.OpError, IndexError, OSError, DecodeError)
+
+
+class Damaged(Exception):
+    """A checkpoint whose files are damaged (checksum mismatch, cut short, a file missing, a
+    garbled index)."""
+
+    def __init__(self, prefix: str, damage: str):
+        self.prefix, self.damage = prefix, damage
+        super().__init__(f'checkpoint {prefix} is damaged ({damage})')
 
 
 def write_state_file(model_dir: str, latest: str, paths: list[str]) -> None:
@@ -213,19 +269,49 @@ def write_state_file(model_dir: str, latest: str, paths: list[str]) -> None:
     tf.io.gfile.rename(path + '.tmp-resume', path, overwrite=True)
 
 
-def restore_problem(checkpoint: tf.train.Checkpoint, prefix: str) -> Optional[str]:
-    """Restores `prefix` into `checkpoint`; None if that worked, else what went wrong. A read
-    failure (truncated or damaged file: TensorFlow raises IndexError, DataLossError, …) is told
-    apart from a checkpoint of another model (MISMATCH)."""
+def read_problem(prefix: str) -> Optional[str]:
+    """None if every tensor of checkpoint `prefix` reads, each checked against the checksum in
+    its index; else what is damaged, in words. Read before restoring, so a damaged checkpoint is
+    found before any variable is assigned and leaves nothing behind (nor TensorFlow's warnings
+    about values left unrestored). Raises ConfigError when the files may not be read, or fail in
+    a way that does not say damage: the checkpoint may be intact, and is left in place."""
     try:
-        checkpoint.restore(prefix).assert_existing_objects_matched()
-    except (tf.errors.OpError, IndexError, OSError) as e:  # the files
-        text = str(e).strip()
-        return f'{type(e).__name__}: {text.splitlines()[0][:300] if text else "unreadable"}'
-    except (AssertionError, ValueError) as e:  # the content: variables missing or of other shapes
-        text = str(e).strip()
-        return f'{MISMATCH}: {text.splitlines()[0][:300] if text else type(e).__name__}'
+        reader = tf.train.load_checkpoint(prefix)
+        for key in reader.get_variable_to_shape_map():
+            reader.get_tensor(key)
+        _object_graph(reader)
+    except READ_ERRORS as e:
+        return damage_or_stop(prefix, e)
     return None
+
+
+def damage_or_stop(prefix: str, error: BaseException) -> str:
+    """The damage `error` (from reading checkpoint `prefix`) shows, or ConfigError."""
+    denied = faults.permission_denied(error)
+    if denied is not None:
+        raise ConfigError(f'checkpoint {prefix} cannot be read: permission denied '
+                          f'({denied or prefix + ".*"}). Fix the permissions of its files, then '
+                          'rerun the same command') from error
+    damage = faults.checkpoint_damage(error)
+    if damage is None:
+        raise ConfigError(f'checkpoint {prefix} cannot be read ({faults.first_line(error)}); it '
+                          'was left in place. Fix the cause, or move its files aside to go on '
+                          'from the one before, then rerun the same command') from error
+    return damage
+
+
+def restore_model(model: tf.Module, prefix: str) -> None:
+    """Restores the model's variables from checkpoint `prefix` of a training run (its optimizer's
+    are not read): raises Damaged if its files are damaged, ConfigError if they may not be read."""
+    damage = read_problem(prefix)
+    if damage is None:
+        try:
+            tf.train.Checkpoint(model=model).restore(prefix).expect_partial() \
+                .assert_existing_objects_matched()
+            return
+        except READ_ERRORS as e:  # its files changed since they were read
+            damage = damage_or_stop(prefix, e)
+    raise Damaged(prefix, damage)
 
 
 def set_aside_checkpoint(prefix: str) -> str:

@@ -210,6 +210,53 @@ def _unreadable_flag(error: Unreadable, config: Config) -> str:
             f'rerunning starts from --{error.flag} again')
 
 
+# ---------------------------------------------------------------- a checkpoint's files
+# What TensorFlow says when a checkpoint's files are damaged -> the words for the user. The
+# reader checks every tensor against the checksum its index holds, so damage anywhere in the data
+# (random bytes, a zeroed block, one flipped byte) says "Checksum does not match".
+_DAMAGE_SIGNS = (('Checksum does not match', 'its data fails its checksum'),
+                 ('Read less bytes than requested', 'a file of it is cut short'),
+                 ('Failed to find any matching files', 'a file of it is missing'),
+                 ('No such file or directory', 'a file of it is missing'),
+                 ('not an sstable', 'its index is damaged'),
+                 ('too short to be an sstable', 'its index is damaged'),
+                 ('Unable to read file', 'its index is damaged'),
+                 ('Error parsing message', 'its object graph is damaged'))
+
+
+def checkpoint_damage(error: BaseException) -> Optional[str]:
+    """What is damaged in a checkpoint, in words, if `error` (from reading it) says its files are
+    damaged: checksum mismatch, cut short, a shard missing, a garbled index. None for any other
+    error (permission denied, ...): then the checkpoint may well be intact."""
+    if isinstance(error, IndexError):  # TensorFlow's reader past the end of a short file
+        return 'a file of it is cut short'
+    text = str(error)
+    words = next((w for sign, w in _DAMAGE_SIGNS if sign.lower() in text.lower()), None)
+    if words is None and type(error).__name__ == 'DecodeError':  # protobuf's, on the graph
+        words = 'its object graph is damaged'
+    if words == 'a file of it is missing':
+        path, _ = _path_and_reason(error, text)
+        return f'{os.path.basename(path)} is missing' if path else words
+    return words
+
+
+def permission_denied(error: BaseException) -> Optional[str]:
+    """The path (or '' when TensorFlow's text names none) that `error` says may not be read or
+    written for lack of permission; None for any other error."""
+    import tensorflow as tf
+    path, reason = _path_and_reason(error, str(error))
+    if reason in ('Permission denied', 'Operation not permitted') or isinstance(
+            error, (PermissionError, tf.errors.PermissionDeniedError)):
+        return path or getattr(error, 'filename', None) or ''
+    return None
+
+
+def first_line(error) -> str:
+    """An error's first line without TensorFlow's internal text ("{{function_node …}}",
+    "[Op:…]"), for one-line messages."""
+    return _first_line(error)
+
+
 # ---------------------------------------------------------------- helpers
 def _first_line(error) -> str:
     text = str(error).strip()

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import keras
 import tensorflow as tf
 
-from simclr_tf import data, distribute, evaluate, sources, train
+from simclr_tf import checkpoint, data, distribute, evaluate, sources, train
 from simclr_tf import model_dir as model_dir_lib
 from simclr_tf import plan as plan_lib
 from simclr_tf.config import Config, ConfigError
@@ -130,10 +130,11 @@ def export_model(config: Config, model: keras.Model, step: int) -> str:
 
 def restore_for_inference(config: Config, strategy: tf.distribute.Strategy, num_classes: int,
                           path: str) -> tuple[keras.Model, int]:
-    """The model of a training checkpoint, and its step (the `ckpt-<step>` number)."""
+    """The model of a training checkpoint, and its step (the `ckpt-<step>` number); raises
+    checkpoint.Damaged if its files are damaged."""
     with strategy.scope():
         model = build_model(config, num_classes)
-    tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
+    checkpoint.restore_model(model, path)
     return model, _step_of(path)
 
 
@@ -145,9 +146,8 @@ def restore_newest(config: Config, strategy: tf.distribute.Strategy, start: plan
     for _, path in reversed(start.checkpoints):
         try:
             return restore_for_inference(config, strategy, start.num_classes, path)
-        except (tf.errors.OpError, IndexError, OSError) as e:
-            logging.warning('checkpoint %s cannot be read (%s: %s); trying the one before', path,
-                            type(e).__name__, str(e).strip()[:200])
+        except checkpoint.Damaged as e:
+            logging.warning('%s; trying the one before', e)
             problems.append(path)
     raise ConfigError(f'no readable checkpoint in model_dir={config.model_dir!r}'
                       + (f' ({", ".join(problems)} cannot be read)' if problems else ''))
@@ -180,10 +180,9 @@ def continuous_eval(config: Config, strategy: tf.distribute.Strategy,
         for path in pending:
             try:
                 model, step = restore_for_inference(config, strategy, start.num_classes, path)
-            except (tf.errors.OpError, IndexError, OSError) as e:
-                # Deleted by training's keep_checkpoint_max while read, or damaged.
-                logging.warning('skipping checkpoint %s: %s: %s', path, type(e).__name__,
-                                str(e).strip()[:200])
+            except checkpoint.Damaged as e:
+                # Damaged, or deleted by training's keep_checkpoint_max while read.
+                logging.warning('skipping checkpoint %s: %s', path, e.damage)
                 skipped.add(path)
                 continue
             result = evaluate.evaluate(config, strategy, model, start.data, step)
@@ -194,7 +193,8 @@ def continuous_eval(config: Config, strategy: tf.distribute.Strategy,
                 return result
         found = model_dir_lib.list_checkpoints(model_dir)
         if found and found[-1][0] >= last_step and not pending:
-            return result  # the last step's checkpoint was evaluated before (e.g. by training)
+            # the last step's checkpoint was evaluated before (e.g. by training), or skipped
+            return _noting_skipped(result, skipped)
         now = time.time()
         if config.eval_timeout and now - last_new > config.eval_timeout:
             if not found:
@@ -202,12 +202,23 @@ def continuous_eval(config: Config, strategy: tf.distribute.Strategy,
                                   f'eval_timeout={config.eval_timeout}s')
             logging.info('no new checkpoint in %s for %ds; stopping', model_dir,
                          config.eval_timeout)
-            return result
+            return _noting_skipped(result, skipped)
         if now - last_log >= wait_log_secs:
             logging.info('waiting for checkpoints in %s (newest: %s)', model_dir,
                          found[-1][1] if found else 'none')
             last_log = now
         time.sleep(1)
+
+
+def _noting_skipped(result: Optional[dict], skipped: set[str]) -> Optional[dict]:
+    """`result`, with `older_than` naming the newer checkpoints skipped as damaged (the final
+    line says its step is not the newest)."""
+    newer = sorted((p for p in skipped if result and _step_of(p) > result['global_step']),
+                   key=_step_of)
+    if newer:
+        result['older_than'] = (f'not the newest: {", ".join(newer)} could not be read and '
+                                f'{"was" if len(newer) == 1 else "were"} skipped')
+    return result
 
 
 def _unevaluated(model_dir: str) -> list[str]:

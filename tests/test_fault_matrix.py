@@ -9,6 +9,7 @@ a busy model_dir, corrupt JPEGs) are in tests/test_faults.py and tests/test_prog
 """
 
 import json
+import logging
 import os
 import re
 import resource
@@ -519,3 +520,247 @@ def test_a_lost_worker_is_named_and_all_workers_resume(tmp_path, small_folder):
         assert w.returncode == 0, log[-3000:]
         assert f'resumed from {model_dir}/ckpt-{newest}' in log
         assert f'already trained to step {newest} of {newest}' in log
+
+
+# ---------------------------------------------------------------- damaged checkpoints
+# A run of 4 steps, a checkpoint each, stopped after step 3 (ckpt-4 removed); then one fault in
+# its files. Every row: the intact checkpoints keep their names and bytes, and the resumed run's
+# losses are the uninterrupted run's.
+def _recording(record):
+    """train.make_loop_fn whose loops put each step's metrics in `record` (steps_per_loop=1)."""
+    make = train.make_loop_fn
+
+    def make_loop_fn(config, state, strategy, plan, stop=None):
+        loop = make(config, state, strategy, plan, stop)
+
+        def recorded(iterator, n):
+            values = loop(iterator, n)
+            record[int(state.optimizer.iterations.numpy())] = values.numpy()
+            return values
+        return recorded
+    return make_loop_fn
+
+
+def _train_recording(config):
+    """(the final state, {step: its metrics}) of train.train(config)."""
+    record = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, 'make_loop_fn', _recording(record))
+        program.set_up(config)
+        state = train.train(config, tf.distribute.get_strategy(),
+                            data.dataset_info(config, need_eval=False))
+    return state, record
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, sample_dir):
+    """(config, {step: metrics}) of a run of 4 steps with a checkpoint each, uninterrupted."""
+    config = _config(tmp_path_factory.mktemp('whole'), sample_dir, train_steps=4,
+                     keep_checkpoint_max=5)
+    state, record = _train_recording(config)
+    model_dir_lib.release_locks()
+    assert state.step == 4 and sorted(record) == [1, 2, 3, 4]
+    return config, record
+
+
+def _stopped_after_3(uninterrupted, tmp_path):
+    """A copy of the uninterrupted run's model_dir as a run stopped after step 3 leaves it."""
+    config, _ = uninterrupted
+    target = tmp_path / 'run'
+    shutil.copytree(config.model_dir, target,
+                    ignore=shutil.ignore_patterns('ckpt-4.*', 'events.*', '*.lock'))
+    return config.replace(model_dir=str(target)), target
+
+
+def _digests(model_dir):
+    """{name: bytes} of every checkpoint file in model_dir."""
+    return {p.name: p.read_bytes() for p in sorted(model_dir.glob('*ckpt-*'))}
+
+
+def _overwrite_middle(data):
+    def damage(path):
+        with open(path, 'r+b') as f:
+            f.seek(os.path.getsize(path) // 2)
+            f.write(data)
+    return damage
+
+
+def _flip_one_byte(path):
+    b = bytearray(open(path, 'rb').read())
+    b[len(b) // 2] ^= 0x01
+    open(path, 'wb').write(bytes(b))
+
+
+DATA = 'ckpt-3.data-00000-of-00001'
+DAMAGE = {  # fault -> (file of ckpt-3, how, the words of the warning)
+    'random bytes in the middle of .data': (
+        DATA, _overwrite_middle(np.random.default_rng(0).integers(0, 256, 4096, np.uint8)
+                                .tobytes()), 'its data fails its checksum'),
+    'a zeroed block in the middle of .data': (
+        DATA, _overwrite_middle(bytes(4096)), 'its data fails its checksum'),
+    'one flipped byte in .data': (DATA, _flip_one_byte, 'its data fails its checksum'),
+    'a garbled .index': ('ckpt-3.index', _overwrite_middle(b'\xa5' * 64),
+                         'its index is damaged'),
+}
+TF_INTERNALS = ('{{function_node', '[Op:', 'Value in checkpoint could not be found', 'Traceback')
+
+
+def _assert_resumed_as_uninterrupted(record, whole, steps):
+    assert sorted(record) == steps
+    for step in steps:
+        np.testing.assert_allclose(record[step], whole[step], rtol=1e-5, atol=1e-6,
+                                   err_msg=f'step {step}')
+
+
+@pytest.mark.parametrize('fault', DAMAGE)
+def test_a_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
+        uninterrupted, tmp_path, caplog, fault):
+    config, d = _stopped_after_3(uninterrupted, tmp_path)
+    name, damage, words = DAMAGE[fault]
+    damage(str(d / name))
+    before = _digests(d)
+    with caplog.at_level(logging.WARNING):
+        state, record = _train_recording(config)
+    assert state.step == 4
+    warnings = [r.getMessage() for r in caplog.records if 'ckpt-' in r.getMessage()]
+    assert warnings == [f'checkpoint {d}/ckpt-3 is damaged ({words}): set aside as '
+                        f'{d}/unreadable-ckpt-3; trying the one before'], warnings
+    assert not [s for s in TF_INTERNALS if s in caplog.text], caplog.text[-3000:]
+    after = _digests(d)
+    for kept in ('ckpt-1.index', 'ckpt-1.data-00000-of-00001', 'ckpt-2.index',
+                 'ckpt-2.data-00000-of-00001'):
+        assert after[kept] == before[kept], kept  # intact: never renamed nor rewritten
+    for suffix in ('.index', '.data-00000-of-00001'):  # the damaged one kept as it was
+        assert after[f'unreadable-ckpt-3{suffix}'] == before[f'ckpt-3{suffix}']
+    _assert_resumed_as_uninterrupted(record, uninterrupted[1], [3, 4])
+
+
+def test_a_state_file_that_is_not_text_is_ignored(uninterrupted, tmp_path, caplog):
+    """Resume does not trust the `checkpoint` state file: bytes that are not UTF-8 there are
+    ignored as ASCII junk is (TensorFlow's CheckpointManager raised UnicodeDecodeError)."""
+    config, d = _stopped_after_3(uninterrupted, tmp_path)
+    (d / 'checkpoint').write_bytes(b'\xff\xfe model_checkpoint_path: "\x80\x81"\n')
+    before = _digests(d)
+    assert checkpoint.latest_in(str(d)) == f'{d}/ckpt-3'  # as --checkpoint=<this directory>
+    with caplog.at_level(logging.WARNING):
+        state, record = _train_recording(config)
+    assert state.step == 4
+    assert not [r for r in caplog.records if 'damaged' in r.getMessage()]
+    assert {k: v for k, v in _digests(d).items() if k in before} == before
+    assert not list(d.glob('unreadable-*'))
+    assert tf.train.latest_checkpoint(str(d)) == f'{d}/ckpt-4'  # text again
+    _assert_resumed_as_uninterrupted(record, uninterrupted[1], [4])
+
+    # A run that starts from scratch beside such a file: the first save writes it again.
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    (empty / 'checkpoint').write_bytes(b'\xff\xfe\x80')
+    saver = checkpoint.Checkpointer(config.replace(model_dir=str(empty)), state.model,
+                                    state.optimizer)
+    assert saver.save(5) == f'{empty}/ckpt-5'
+    assert tf.train.latest_checkpoint(str(empty)) == f'{empty}/ckpt-5'
+
+
+def _denied(prefix):
+    """tf.train.load_checkpoint raising, for checkpoint `prefix`, what TensorFlow raises for a
+    file its user may not read."""
+    load = tf.train.load_checkpoint
+
+    def load_checkpoint(path):
+        if path == prefix:
+            raise tf.errors.OpError(None, None, f'{prefix}.data-00000-of-00001; Permission '
+                                    'denied', tf.errors.UNKNOWN)
+        return load(path)
+    return load_checkpoint
+
+
+def test_a_checkpoint_without_read_permission_stops_the_run_and_is_kept(
+        uninterrupted, tmp_path, monkeypatch):
+    """Tests run as root, whom chmod 000 does not stop: the read is made to fail as it does
+    for a user who may not read the file. TensorFlow's checkpoint reader
+    (tf.train.load_checkpoint, the first thing a resume calls on a checkpoint) then raises a plain
+    OpError "<path>; Permission denied" (seen with `setpriv --bounding-set
+    -dac_override,-dac_read_search` on a chmod 000 file; test_an_unreadable_checkpoint_for_real
+    does that end to end where setpriv is at hand)."""
+    config, d = _stopped_after_3(uninterrupted, tmp_path)
+    before = _digests(d)
+    monkeypatch.setattr(tf.train, 'load_checkpoint', _denied(f'{d}/ckpt-3'))
+    with pytest.raises(ConfigError) as raised:
+        _train_recording(config)
+    assert str(raised.value) == (
+        f'checkpoint {d}/ckpt-3 cannot be read: permission denied ({d}/ckpt-3.data-00000-of-'
+        '00001). Fix the permissions of its files, then rerun the same command')
+    assert _digests(d) == before  # nothing renamed
+    model_dir_lib.release_locks()
+
+    monkeypatch.undo()  # the permissions fixed: the rerun resumes from it
+    state, record = _train_recording(config)
+    assert state.step == 4
+    _assert_resumed_as_uninterrupted(record, uninterrupted[1], [4])
+
+
+def test_a_restore_that_fails_leaves_nothing_behind_for_the_next(tiny_state, sample_dir,
+                                                                  tmp_path, monkeypatch):
+    """Damage that only the restore itself meets (the files read whole before it are skipped
+    here): the next attempt, from the intact checkpoint before, still restores. A failed restore
+    leaves a deferred restoration of `save_counter` on its tf.train.Checkpoint, which through the
+    same object made the next attempt read the damaged one and the one after fail as another
+    model's."""
+    config = _config(tmp_path, sample_dir)
+    _run_with_checkpoints(tiny_state, config, steps=(1, 2, 3))
+    model_dir_lib.release_locks()
+    _overwrite_middle(bytes(4096))(str(tmp_path / DATA))
+    before = _digests(tmp_path)
+    monkeypatch.setattr(checkpoint, 'read_problem', lambda prefix: None)
+    tiny_state.optimizer.iterations.assign(0)
+    saver = checkpoint.Checkpointer(config, tiny_state.model, tiny_state.optimizer)
+    assert saver.restore(tiny_state.model) == f'resumed from {tmp_path}/ckpt-2'
+    assert int(tiny_state.optimizer.iterations.numpy()) == 2
+    after = _digests(tmp_path)
+    assert {k: after[k] for k in before if not k.startswith('ckpt-3')} == \
+        {k: v for k, v in before.items() if not k.startswith('ckpt-3')}
+    assert after[f'unreadable-{DATA}'] == before[DATA]
+
+
+def test_eval_with_a_damaged_newest_checkpoint_says_which_step_it_reports(
+        uninterrupted, tmp_path, caplog, monkeypatch):
+    import types
+    import simclr_tf_cli
+    config, d = _stopped_after_3(uninterrupted, tmp_path)
+    DAMAGE['random bytes in the middle of .data'][1](str(d / DATA))
+    (d / 'result_1.json').write_text('{}')  # evaluated before: only ckpt-2 and ckpt-3 to go
+    config = config.replace(mode='eval', train_steps=3, eval_steps=1, eval_batch_size=16,
+                            knn_train_examples=16, eval_timeout=2)
+    before = _digests(d)
+    with caplog.at_level(logging.WARNING):
+        result = program.run(config)
+    assert result['global_step'] == 2
+    warnings = [r.getMessage() for r in caplog.records if 'ckpt-3' in r.getMessage()]
+    assert warnings == [f'skipping checkpoint {d}/ckpt-3: its data fails its checksum']
+    assert not [s for s in TF_INTERNALS if s in caplog.text], caplog.text[-3000:]
+    assert _digests(d) == before  # eval reads only: the training run sets it aside
+    monkeypatch.setattr(simclr_tf_cli, 'FLAGS', types.SimpleNamespace(eval_split='test'))
+    line = simclr_tf_cli.summary(result).splitlines()[0]
+    assert line.startswith('step 2: ') and line.endswith(
+        f'on 16 test examples (not the newest: {d}/ckpt-3 could not be read and was skipped)')
+
+
+SETPRIV = shutil.which('setpriv') if os.geteuid() == 0 else None
+
+
+@pytest.mark.skipif(not SETPRIV, reason='needs root and setpriv to drop the right to read all')
+def test_an_unreadable_checkpoint_for_real(uninterrupted, tmp_path, sample_dir):
+    """chmod 000 on the newest checkpoint's data, run.py as root without CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH (what lets root read any file): status 2, one line, nothing renamed."""
+    config, d = _stopped_after_3(uninterrupted, tmp_path)
+    os.chmod(d / DATA, 0)
+    before = _digests(d)
+    result = subprocess.run(
+        [SETPRIV, '--bounding-set', '-dac_override,-dac_read_search', sys.executable, 'run.py',
+         f'--dataset={sample_dir}', f'--model_dir={d}', *TINY, '--train_steps=4'],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert final_error(result.stderr) == (
+        f'error: checkpoint {d}/ckpt-3 cannot be read: permission denied ({d}/{DATA}). Fix the '
+        'permissions of its files, then rerun the same command')
+    assert _digests(d) == before and not list(d.glob('unreadable-*'))

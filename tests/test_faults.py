@@ -80,13 +80,23 @@ def test_resume_ignores_the_state_file_and_sets_aside_unreadable_checkpoints(tra
     with caplog.at_level(logging.WARNING):
         state = _state(config)
     assert state.step == 2
-    assert 'ckpt-3 cannot be read (IndexError' in caplog.text
+    assert f'checkpoint {d}/ckpt-3 is damaged (a file of it is cut short): set aside as ' \
+        f'{d}/unreadable-ckpt-3; trying the one before' in caplog.text
     assert os.path.exists(os.path.join(d, 'unreadable-ckpt-3.index'))
     assert os.path.exists(os.path.join(d, 'unreadable-ckpt-3.data-00000-of-00001'))  # kept
     assert tf.train.latest_checkpoint(d) == os.path.join(d, 'ckpt-2')  # state file rewritten
 
     os.remove(os.path.join(d, 'ckpt-2.index'))  # newest index gone: the one before
     assert _state(config).step == 1
+
+    # A shard missing beside its index: damage too, named.
+    config, target = _copy(trained, tmp_path / 'shard')
+    os.remove(target / 'ckpt-3.data-00000-of-00001')
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert _state(config).step == 2
+    assert 'ckpt-3 is damaged (ckpt-3.data-00000-of-00001 is missing): set aside' in caplog.text
+    assert (target / 'unreadable-ckpt-3.index').exists() and (target / 'ckpt-2.index').exists()
 
 
 def test_never_starts_from_scratch_over_a_previous_run(trained, tmp_path):
