@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from typing import Optional
 
 import tensorflow as tf
@@ -260,13 +261,29 @@ class Damaged(Exception):
 
 def write_state_file(model_dir: str, latest: str, paths: list[str]) -> None:
     """The `checkpoint` state file CheckpointManager reads, naming the checkpoints found (written
-    to a temporary file, then renamed over the old one)."""
+    to a temporary file, then renamed over the old one).
+
+    Each checkpoint gets its timestamp (its index file's time) and the file a preserved time
+    before them all: CheckpointManager keeps forever every checkpoint whose timestamp is not later
+    than `last_preserved_timestamp`, so without them `keep_checkpoint_max` would never delete the
+    checkpoints from before a resume."""
+    now = time.time()
+    stamps = [min(_written_at(p + '.index', now), now) for p in paths]
     lines = [f'model_checkpoint_path: "{os.path.basename(latest)}"']
     lines += [f'all_model_checkpoint_paths: "{os.path.basename(p)}"' for p in paths]
+    lines += [f'all_model_checkpoint_timestamps: {t!r}' for t in stamps]
+    lines += [f'last_preserved_timestamp: {min(stamps, default=now) - 1.0!r}']
     path = os.path.join(model_dir, 'checkpoint')
     with tf.io.gfile.GFile(path + '.tmp-resume', 'w') as f:
         f.write('\n'.join(lines) + '\n')
     tf.io.gfile.rename(path + '.tmp-resume', path, overwrite=True)
+
+
+def _written_at(path: str, default: float) -> float:
+    try:  # tf.io.gfile: model_dir may be a bucket
+        return tf.io.gfile.stat(path).mtime_nsec / 1e9
+    except tf.errors.OpError:
+        return default
 
 
 def read_problem(prefix: str) -> Optional[str]:

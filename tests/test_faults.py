@@ -470,3 +470,26 @@ def test_filesystem_problems_are_one_error_line(tmp_path, sample_dir, monkeypatc
     errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
     assert errors == [f"error: model_dir='{a_file}/run' is below {a_file}, which is a file, "
                       'not a directory'], result.stderr[-2000:]
+
+
+def test_keep_checkpoint_max_holds_across_a_resume(tmp_path):
+    """Resuming rewrites the state file; the checkpoints from before the resume still count
+    against keep_checkpoint_max and are deleted as newer ones are saved (without their timestamps
+    in that file, CheckpointManager would keep them forever)."""
+    config = Config(model_dir=str(tmp_path), keep_checkpoint_max=2)
+
+    def saver():
+        model, opt = tf.Module(), tf.Module()
+        model.w = tf.Variable(0.0)
+        opt.slot = tf.Variable(0.0)
+        return model, checkpoint.Checkpointer(config, model, opt)
+
+    model, ckpt = saver()
+    for step in (1, 2, 3):
+        ckpt.save(step)
+    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [2, 3]
+    model, ckpt = saver()  # a rerun: resumes from ckpt-3, writing the state file anew
+    assert 'resumed from' in ckpt.restore(model)
+    for step in (4, 5):
+        ckpt.save(step)
+    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [4, 5]
