@@ -1,4 +1,4 @@
-"""SimCLR command line: the authors' TF2 run.py flags -> Config -> strategy -> train / eval / export.
+"""SimCLR command line: the authors' TF2 run.py flags -> Config -> strategy -> train/eval/export.
 
     python run.py --flagfile=flags/quickstart.cfg --model_dir=/tmp/simclr_quickstart
     python run.py --helpfull

@@ -1,4 +1,4 @@
-"""SimCLR command line: the authors' TF2 run.py flags -> Config -> strategy -> train / eval / export.
+"""SimCLR command line: the authors' TF2 run.py flags -> Config -> strategy -> train/eval/export.
 
 The program's one module of absl flags, outside the `simclr_tf` package, which reads no flags:
 `run.py` in a checkout, the `simclr-tf` command once installed.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import typing
 from typing import Optional
@@ -57,11 +58,11 @@ def config_from_flags(model_dir_defaults: bool = False) -> Config:
 
 
 def _fail(message: str, status: int = 2, at_once: bool = False) -> None:
-    """Prints `error: <message>` (one line) and exits with `status`; `at_once` skips the
-    interpreter's shutdown, whose wait for TensorFlow's threads (an input pipeline finishing its
-    batch, a barrier with a lost worker) can take a minute: what a fault keeps is on disk."""
+    """Prints `error: <message>` (one line, the only one: not logged as well) and exits with
+    `status`; `at_once` skips the interpreter's shutdown, whose wait for TensorFlow's threads (an
+    input pipeline finishing its batch, a barrier with a lost worker) can take a minute: what a
+    fault keeps is on disk."""
     message = ' '.join(message.split())  # one line, whatever the error's text held
-    logging.error('%s', message)
     print(f'error: {message}', file=sys.stderr)
     if at_once:
         logging.flush()
@@ -69,6 +70,67 @@ def _fail(message: str, status: int = 2, at_once: bool = False) -> None:
         sys.stderr.flush()
         os._exit(status)
     sys.exit(status)
+
+
+_VALUE_ERRORS = ((r"invalid literal for int\(\) with base 10: ('.*')", r'\1 is not an integer'),
+                 (r"could not convert string to float: ('.*')", r'\1 is not a number'),
+                 (r"\('Non-boolean argument to boolean flag', ('.*')\)",
+                  r'\1 is not true or false'))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing (app.run's `flags_parser`), but a bad command line ends in one `error:`
+    line and status 2, before TensorFlow is imported: absl's own parser exits 1 with `FATAL Flags
+    parsing error` and a second line. An unknown flag keeps absl's "Did you mean" and names the
+    flagfile that sets it."""
+    try:
+        rest = FLAGS(argv)
+    except flags.CantOpenFlagFileError as e:
+        # absl: "ERROR:: Unable to open flagfile: [Errno 2] No such file or directory: 'f.cfg'"
+        found = re.search(r"\[Errno \d+\] (.+): '(.+)'$", str(e))
+        _fail(f'cannot read flagfile {found[2]}: {found[1]}' if found
+              else str(e).removeprefix('ERROR:: '))
+    except flags.UnrecognizedFlagError as e:
+        where = _flagfile_setting(e.flagname, argv[1:])
+        quoted = f"'{e.flagname}'"
+        _fail(str(e).replace(quoted, f'{quoted} (in flagfile {where})', 1) if where else str(e))
+    except flags.Error as e:  # a bad value: Python's wording of the parsers made plain
+        message = str(e)
+        for python, plain in _VALUE_ERRORS:
+            message = re.sub(python, plain, message)
+        _fail(message)
+    if len(rest) > 1:
+        _fail(f'unexpected arguments: {" ".join(rest[1:])} (flags are written --name=value)')
+    return rest
+
+
+def _flagfile_setting(name: str, args: list[str], seen: frozenset = frozenset()
+                      ) -> Optional[str]:
+    """The flagfile named in `args` (nested ones too) with a line setting --`name`; None if
+    `args` set it themselves or no readable flagfile does."""
+    def sets(arg: str) -> bool:
+        return arg.startswith('-') and arg.lstrip('-').split('=', 1)[0] == name
+
+    if any(sets(arg) for arg in args):
+        return None
+    for i, arg in enumerate(args):
+        key, _, value = arg.lstrip('-').partition('=')
+        path = value if arg.startswith('-') and key == 'flagfile' and value else (
+            args[i + 1] if arg in ('--flagfile', '-flagfile') and i + 1 < len(args) else None)
+        if path is None or path in seen:
+            continue
+        try:
+            with open(os.path.expanduser(path)) as f:
+                lines = [line.strip() for line in f]
+        except OSError:
+            continue
+        lines = [line for line in lines if line and not line.startswith(('#', '//'))]
+        if any(sets(line) for line in lines):
+            return path
+        nested = _flagfile_setting(name, lines, seen | {path})
+        if nested:
+            return nested
+    return None
 
 
 def summary(result: dict) -> str:
@@ -90,7 +152,7 @@ def summary(result: dict) -> str:
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
+    if len(argv) > 1:  # parse_flags stops first when run by cli()
         _fail(f'unexpected arguments: {" ".join(argv[1:])}')
     config = None
     try:
@@ -134,7 +196,7 @@ def cli() -> None:
     from simclr_tf import logs
     # After flag parsing (--verbosity), before anything imports TensorFlow.
     app.call_after_init(lambda: logs.setup(FLAGS.verbosity))
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

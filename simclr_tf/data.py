@@ -66,6 +66,14 @@ def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
     return np.sort(np.concatenate([members[c][:quota[c]] for c in classes]))
 
 
+def label_subset(config: Config) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(train_split's labels, the indices that keep theirs) under label_fraction < 1, as training
+    reads them; None when every example keeps its label (or none is used)."""
+    source = sources.open_source(config.dataset, config.data_dir)
+    subset = _label_subset(source, config, config.train_split)
+    return None if subset is None else (source.labels(config.train_split), subset)
+
+
 def _label_subset(source, config: Config, split: str) -> Optional[np.ndarray]:
     """The indices of `split` that keep their labels with label_fraction < 1, else None."""
     if not config.trains_classifier or config.label_fraction >= 1:

@@ -4,16 +4,16 @@ placement (`views`): the placement changes where, not what."""
 
 from __future__ import annotations
 
-import argparse
 from typing import Optional
 
 from simclr_tf import logs
 from simclr_tf.config import Config
+from simclr_tf.probe import ArgumentParser
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Renders augmented pairs as a PNG grid: each cell is source | view 1 | view 2."""
-    parser = argparse.ArgumentParser(prog='simclr-tf-augment', description=main.__doc__)
+    parser = ArgumentParser(prog='simclr-tf-augment', description=main.__doc__)
     parser.add_argument('--dataset', required=True, help='TFDS name or <split>/<class>/<image> dir')
     parser.add_argument('--data_dir', default=None)
     parser.add_argument('--split', default='train')

@@ -16,9 +16,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import math
 import os
 from typing import Optional
 
+import numpy as np
 import tensorflow as tf
 
 from simclr_tf import checkpoint, data, distribute, optim
@@ -64,8 +66,8 @@ class StartPlan:
     def start_step(self) -> int:
         return self.weights.step if self.weights else 0
 
-    def lines(self) -> list[str]:
-        """The plan as the block a run prints at its start."""
+    def lines(self, warnings: bool = True) -> list[str]:
+        """The plan as the block a run prints at its start (its warnings last)."""
         c = self.config
         lines = [f'start plan: mode={self.mode}, train_mode={self.train_mode}, '
                  f'model_dir={self.model_dir}', f'  weights: {self._weights()}']
@@ -87,7 +89,7 @@ class StartPlan:
             lines.append(f'  eval: global batch {self.batch}'
                          + (f', {c.eval_steps} steps' if c.eval_steps else ', the whole split'))
         lines.append(f'  model_dir receives: {", ".join(self.writes)}')
-        return lines + [f'  warning: {w}' for w in self.warnings]
+        return lines + ([f'  warning: {w}' for w in self.warnings] if warnings else [])
 
     def _weights(self) -> str:
         if self.weights:
@@ -119,7 +121,8 @@ class StartPlan:
         return line
 
     def log(self) -> None:
-        for line in self.lines():
+        """The block, then each warning once, as a warning line."""
+        for line in self.lines(warnings=False):
             logging.info('%s', line)
         for warning in self.warnings:
             logging.warning('%s', warning)
@@ -155,6 +158,8 @@ def resolve(config: Config, strategy: tf.distribute.Strategy) -> StartPlan:
     else:
         info = data.dataset_info(config, need_eval=config.mode != 'train')
         num_classes = info.num_classes
+    if training:
+        warnings += degenerate(config, info)
     weights = checkpoint.resolve_start(config, list(found), num_classes) if training else None
     teacher = (teacher_lib.check(config, num_classes)
                if training and config.train_mode == 'distill' else None)
@@ -172,6 +177,50 @@ def resolve(config: Config, strategy: tf.distribute.Strategy) -> StartPlan:
         total_steps=optim.train_steps(config, examples) if info else found[-1][0],
         checkpoint_steps=optim.checkpoint_steps(config, examples),
         writes=_writes(config, found), warnings=tuple(warnings), config=config)
+
+
+def degenerate(config: Config, info: data.DatasetInfo) -> list[str]:
+    """Warnings on a training set-up that runs but learns little or nothing, which a user may
+    still mean (a smoke test): one class to classify, classes left without a labelled example,
+    a batch larger than the examples it is drawn from."""
+    warnings = []
+    names = info.class_names or tuple(str(i) for i in range(info.num_classes))
+    if config.trains_classifier and info.num_classes == 1:
+        warnings.append(
+            f'dataset {config.dataset} has one class ({names[0]}): train_mode='
+            f'{config.train_mode} trains a classifier with nothing to tell apart (loss 0 and '
+            'top-1 accuracy 1.000 from the first step); it needs two classes or more')
+    labelled = data.label_subset(config)
+    if labelled is not None:
+        labels, subset = labelled
+        present = np.unique(labels)
+        missing = [names[c] for c in np.setdiff1d(present, labels[subset])]
+        if missing:
+            need = _rounded_up(len(present) / len(labels))
+            warnings.append(
+                f'label_fraction={config.label_fraction:g} labels {len(subset)} of the '
+                f'{len(labels)} examples of {config.train_split}, which has {len(present)} '
+                f'classes: {len(missing)} of them have no labelled example '
+                f'({", ".join(missing[:5])}{", …" if len(missing) > 5 else ""}) and the '
+                f'classifier never learns them; --label_fraction={need:g} or more labels an '
+                'example of each')
+    if config.train_batch_size > info.num_train_examples:
+        which = ('labelled ' if config.trains_classifier and config.label_fraction < 1
+                 and config.train_mode != 'distill' else '')
+        warnings.append(
+            f'train_batch_size={config.train_batch_size} is larger than the '
+            f'{info.num_train_examples} {which}examples of {config.train_split}: every batch '
+            'holds some images more than once'
+            + (' (and the contrastive loss takes copies of an image for negatives)'
+               if config.train_mode == 'pretrain' else '')
+            + f'; --train_batch_size={info.num_train_examples} or less draws each once')
+    return warnings
+
+
+def _rounded_up(x: float) -> float:
+    """x rounded up to 3 significant digits (a fraction to suggest that is never too small)."""
+    unit = 10.0 ** (math.floor(math.log10(x)) - 2)
+    return round(math.ceil(x / unit - 1e-9) * unit, 12)
 
 
 def _export_classes(config: Config, newest: str) -> int:

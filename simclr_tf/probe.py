@@ -21,7 +21,7 @@ import contextlib
 import json
 import sys
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, NoReturn, Optional
 
 import numpy as np
 
@@ -87,9 +87,7 @@ def probe(encoder: features.Encoder, config: Config, output: str = 'final_avg_po
 
 
 def _main(argv: Optional[list[str]] = None) -> None:
-    from simclr_tf import logs
-    logs.setup()  # as quiet as the program (takes effect once TensorFlow is imported after it)
-    parser = argparse.ArgumentParser(prog='python -m simclr_tf.probe',
+    parser = ArgumentParser(prog='python -m simclr_tf.probe',
                                      description=__doc__.split('\n')[0])
     parser.add_argument('--model', help='model_dir, checkpoint prefix or export of this project, '
                         "or one of the authors' checkpoints or SavedModels")
@@ -116,6 +114,8 @@ def _main(argv: Optional[list[str]] = None) -> None:
         parser.error('give either --model or --pixels')
     if args.pixels and not (args.dataset and args.image_size):
         parser.error('--dataset and --image_size are required with --pixels')
+    from simclr_tf import logs  # after parsing: a bad option stops before TensorFlow loads
+    logs.setup()  # as quiet as the program (takes effect once TensorFlow is imported after it)
     with cli_errors():
         from simclr_tf import features
         if args.pixels:
@@ -137,6 +137,15 @@ def _main(argv: Optional[list[str]] = None) -> None:
     if args.out:
         with open(args.out, 'w') as f:
             f.write(line + '\n')
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The console commands' parser: a bad option ends as the program's do, in one `error:` line
+    with status 2 (argparse's own prints its usage block before the line)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f'error: {message} ({self.prog} --help lists the options)', file=sys.stderr)
+        sys.exit(2)
 
 
 @contextlib.contextmanager

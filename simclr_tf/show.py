@@ -17,6 +17,7 @@ import argparse
 from typing import Optional
 
 from simclr_tf import logs
+from simclr_tf.probe import ArgumentParser
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     pixels.add_argument('--pixel_size', type=_positive,
                         help='side of the raw pixels (the baseline and the thumbnails); '
                              "default: the model's image size, at most 64")
-    parser = argparse.ArgumentParser(prog='simclr-tf-show', description=__doc__.split('\n')[0])
+    parser = ArgumentParser(prog='simclr-tf-show', description=__doc__.split('\n')[0])
     commands = parser.add_subparsers(dest='command', required=True)
     shown = commands.add_parser('neighbours', parents=[common, pixels],
                                 help='nearest train images of eval images: h beside pixels')

@@ -3,9 +3,10 @@ decoding, and what happens to an image that cannot be decoded.
 
 Image folders (`<root>/<split>/<class>/<image>`, the `tfds.ImageFolder` layout and class order)
 are listed here rather than read through `tfds.ImageFolder`: its decoding stops the run at the
-first corrupt file, whereas here unreadable files are found when the split is listed, logged
-with their path, counted and left out, so the example counts used for epochs and resumption are
-exact. A split's files are put in one fixed pseudo-random order, so slices such as
+first corrupt file, whereas here unreadable files (and whatever else a class folder holds that
+is no image file: other files, dangling links, folders) are found when the split is listed, logged
+with their path and reason, counted and left out, so the example counts used for epochs and
+resumption are exact. A split's files are put in one fixed pseudo-random order, so slices such as
 `train[:10%]` take a sample of every class.
 
 Besides TFDS's slices, both kinds of source take `<split>[validation]` and `<split>[fit]`: a
@@ -15,6 +16,7 @@ examples) and the rest, for data sets that have no validation split of their own
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import os
@@ -61,6 +63,22 @@ def _unreadable(path: str) -> Optional[str]:
     if head.startswith(b'BM') and len(head) >= 6:
         return None if size >= int.from_bytes(head[2:6], 'little') else 'truncated BMP'
     return 'not a JPEG, PNG, GIF or BMP image'
+
+
+def _not_a_file(entry: os.DirEntry) -> Optional[tuple[str, str]]:
+    """(kind, reason) of an entry of a class folder that is no file (its images are its own
+    files, links to files included); None for a file."""
+    try:
+        if entry.is_file():
+            return None
+        if entry.is_dir():
+            return 'folder', 'a folder inside a class folder (its files are not read)'
+    except OSError as e:  # a link to itself, no permission to look
+        return 'unreadable', f'cannot be read ({e.strerror})'
+    if entry.is_symlink() and not os.path.exists(entry.path):
+        return ('dangling link', 'dangling symbolic link (its target '
+                f'{os.readlink(entry.path)} does not exist)')
+    return 'not a file', 'not a regular file'
 
 
 _SPLIT_PART = re.compile(r'^(?P<name>[\w.-]+)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\]'
@@ -150,19 +168,26 @@ class _FolderSource:
 
     def _list(self, split: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
         split_dir = os.path.join(self.root, split)
-        files, skipped = [], []
+        files, skipped = [], []  # skipped: (path, kind, reason)
         for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
             if not entry.is_dir():
                 if not entry.name.startswith('.'):
-                    skipped.append((entry.path, 'not inside a class folder'))
+                    skipped.append((entry.path, 'outside a class folder',
+                                    'not inside a class folder'))
                 continue
-            names = sorted(f.name for f in os.scandir(entry.path)
-                           if f.is_file() and not f.name.startswith('.'))
-            images = [os.path.join(entry.path, f) for f in names
-                      if f.lower().endswith(IMAGE_EXTENSIONS)]
-            skipped += [(os.path.join(entry.path, f), 'not an image file name '
-                         f'({", ".join(IMAGE_EXTENSIONS)})')
-                        for f in names if not f.lower().endswith(IMAGE_EXTENSIONS)]
+            names = []
+            for f in sorted(os.scandir(entry.path), key=lambda f: f.name):
+                if f.name.startswith('.'):
+                    continue
+                kind = _not_a_file(f)
+                if kind:
+                    skipped.append((f.path, *kind))
+                elif f.name.lower().endswith(IMAGE_EXTENSIONS):
+                    names.append(f.name)
+                else:
+                    skipped.append((f.path, 'non-image name', 'not an image file name '
+                                    f'({", ".join(IMAGE_EXTENSIONS)})'))
+            images = [os.path.join(entry.path, f) for f in names]
             if not images:
                 raise DataError(f'class folder {entry.path} has no images')
             files.append((entry.name, images))
@@ -175,7 +200,7 @@ class _FolderSource:
             for path in images:
                 reason = _unreadable(path)
                 if reason:
-                    skipped.append((path, reason))
+                    skipped.append((path, 'unreadable', reason))
                 else:
                     readable.append(path)
             if not readable:
@@ -183,11 +208,13 @@ class _FolderSource:
                                 f'readable images ({len(images)} unreadable files)')
             paths += readable
             labels += [self.class_names.index(class_name)] * len(readable)
-        for path, reason in skipped:
+        for path, _, reason in skipped:
             logging.warning('skipping %s: %s', path, reason)
         if skipped:
-            logging.warning('skipped %d unreadable or non-image files in %s; using %d images',
-                            len(skipped), split_dir, len(paths))
+            kinds = collections.Counter(kind for _, kind, _ in skipped)
+            logging.warning('skipped %d entries of %s that are not readable images (%s); using '
+                            '%d images', len(skipped), split_dir,
+                            ', '.join(f'{n} {kind}' for kind, n in kinds.items()), len(paths))
         order = list(range(len(paths)))
         random.Random(0).shuffle(order)
         return tuple(paths[i] for i in order), tuple(labels[i] for i in order)

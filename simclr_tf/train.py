@@ -296,11 +296,17 @@ class _StopRequest:
         self._pool.shutdown(wait=False)
 
 
-def _progress_line(step: int, total: int, values: dict, images_per_s: float, eta_s: float) -> str:
+def _progress_line(step: int, total: int, values: Optional[dict], images_per_s: float,
+                   eta_s: float) -> str:
+    """`values` None: float16 skipped every step of the loop, which gave no metrics (its zeros
+    are no loss of 0)."""
     shown = {'loss': 'train/total_loss', 'con_acc': 'train/contrast_acc',
              'sup_acc': 'train/supervised_acc', 'agree': 'train/teacher_agreement'}
     parts = [f'step {step}/{total}']
-    parts += [f'{k} {values[v]:.4f}' for k, v in shown.items() if v in values]
+    if values is None:
+        parts.append('every step skipped (float16 overflow): no loss, the weights did not change')
+    else:
+        parts += [f'{k} {values[v]:.4f}' for k, v in shown.items() if v in values]
     parts += [f'{images_per_s:.1f} img/s', f'ETA {time.strftime("%H:%M:%S", time.gmtime(eta_s))}']
     return ' | '.join(parts)
 
@@ -424,8 +430,8 @@ def _train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetI
         run_images += images
         rate = run_images / max(time.time() - run_start, 1e-9)
         eta = (state.total_steps - step) * config.train_batch_size / max(rate, 1e-9)
-        line = _progress_line(step, state.total_steps, metrics, images / max(elapsed, 1e-9),
-                              eta)
+        line = _progress_line(step, state.total_steps, metrics if skipped < n else None,
+                              images / max(elapsed, 1e-9), eta)
         if interactive:
             done = int(30 * step / state.total_steps)
             sys.stderr.write(f'\r[{"#" * done}{"." * (30 - done)}] {line}')

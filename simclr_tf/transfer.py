@@ -22,7 +22,6 @@ JSON record `<out>/<protocol>.json` with every choice made; a rerun skips what i
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -305,7 +304,8 @@ def permutation_test(correct_a: np.ndarray, correct_b: np.ndarray, samples: int 
 
 # ---------------------------------------------------------------- command
 def _main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog='python -m simclr_tf.transfer',
+    from simclr_tf.probe import ArgumentParser
+    parser = ArgumentParser(prog='python -m simclr_tf.transfer',
                                      description=__doc__.split('\n')[0])
     parser.add_argument('--model', help='the encoder: a model_dir, checkpoint or export of this '
                         "project, or one of the authors' checkpoints or SavedModels")

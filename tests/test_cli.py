@@ -214,3 +214,66 @@ def test_pip_install_gives_the_package_and_commands_outside_the_checkout(tmp_pat
     for target in COMMANDS.values():  # the tools' functions exist (run as `python -m` here)
         module, function = target.split(':')
         assert callable(getattr(importlib.import_module(module), function))
+
+
+# ---------------------------------------------------------------- a bad command line
+def _flagfiles(tmp_path) -> dict:
+    """A flagfile with a misspelt flag, and one that names it (nested flagfiles)."""
+    inner, outer = tmp_path / 'inner.cfg', tmp_path / 'outer.cfg'
+    inner.write_text('# a preset\n--train_mode=pretrain\n--train_batch_sise=64\n')
+    outer.write_text(f'--flagfile={inner}\n')
+    return {'inner': inner, 'outer': outer, 'missing': tmp_path / 'missing.cfg'}
+
+
+@pytest.mark.parametrize('args, line', [
+    (['--flagfile={missing}'], 'cannot read flagfile {missing}: No such file or directory'),
+    (['--train_batch_sise=64'],
+     "Unknown command line flag 'train_batch_sise'. Did you mean: train_batch_size ?"),
+    (['--flagfile={outer}', '--model_dir=/tmp/x'],
+     "Unknown command line flag 'train_batch_sise' (in flagfile {inner}). "
+     'Did you mean: train_batch_size ?'),
+    (['--train_batch_size=abc'], "flag --train_batch_size=abc: 'abc' is not an integer"),
+    (['--use_tpu=maybe'], "flag --use_tpu=maybe: 'maybe' is not true or false"),
+    (['--mode=evaluate'],
+     'flag --mode=evaluate: value should be one of <train|eval|train_then_eval|export>'),
+    (['--model_dir=/tmp/x', 'extra'],
+     'unexpected arguments: extra (flags are written --name=value)'),
+])
+def test_a_bad_flag_ends_in_one_error_line_and_status_2(tmp_path, args, line):
+    """absl's own parser exits 1 with `FATAL Flags parsing error` and a second line."""
+    files = _flagfiles(tmp_path)
+    done = subprocess.run([sys.executable, 'run.py', *[a.format(**files) for a in args]],
+                          cwd=REPO, env=_users_environment(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [f'error: {line.format(**files)}'], done.stderr
+    assert not done.stdout
+
+
+def test_an_error_of_the_run_is_printed_once(tmp_path):
+    """A refusal after parsing: its `error:` line only, not also as an absl `E…` log line."""
+    done = subprocess.run([sys.executable, 'run.py', '--train_steps=1'], cwd=REPO,
+                          env=_users_environment(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == ['error: --model_dir is required'], done.stderr
+
+
+@pytest.mark.parametrize('target, argv, line', [
+    ('simclr_tf.probe:_main', ['--bogus'], 'unrecognized arguments: --bogus '
+     '(python -m simclr_tf.probe --help lists the options)'),
+    ('simclr_tf.picture:main', ['--dataset=d', '--n=x'],
+     "argument --n: invalid int value: 'x' (simclr-tf-augment --help lists the options)"),
+    ('simclr_tf.show:main', ['map', '--model=m', '--examples=0'],
+     'argument --examples: 0 is not a positive integer '
+     '(simclr-tf-show map --help lists the options)'),
+    ('simclr_tf.transfer:_main', ['--dataset=d'], 'the following arguments are required: '
+     '--out (python -m simclr_tf.transfer --help lists the options)'),
+])
+def test_every_tools_bad_option_ends_in_one_error_line_and_status_2(capsys, target, argv, line):
+    """Not argparse's usage block before the line: as the program does."""
+    module, function = target.split(':')
+    with pytest.raises(SystemExit) as done:
+        getattr(importlib.import_module(module), function)(argv)
+    assert done.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f'error: {line}'] and not captured.out

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import shutil
 
 import numpy as np
@@ -175,10 +176,36 @@ def test_corrupt_and_non_image_files_are_skipped_counted_and_logged(config, tmp_
     assert info.num_train_examples == 6
     for path in bad:
         assert str(path) in caplog.text
-    assert 'skipped 4 unreadable or non-image files' in caplog.text
+    assert re.search(r'skipped 4 entries of .*/train that are not readable images '
+                     r'\(1 non-image name, 3 unreadable\); using 6 images', caplog.text)
     assert 'truncated JPEG' in caplog.text
     images, _ = next(iter(data.build_dataset(config.replace(dataset=root), True)))
     assert images.shape == (B, 32, 32, 6)  # the run goes on
+
+
+def test_dangling_links_and_folders_in_a_class_folder_are_named_and_counted(config, tmp_path,
+                                                                            jpeg, caplog):
+    """Not dropped without a word: each is named with its reason and counted; a link to an
+    image is an image."""
+    root = _folder(tmp_path / 'ds', source=jpeg)
+    a = tmp_path / 'ds' / 'train' / 'a'
+    (a / 'gone.jpg').symlink_to(tmp_path / 'moved.jpg')
+    (a / 'loop.jpg').symlink_to(a / 'loop.jpg')
+    (a / 'linked.jpg').symlink_to(jpeg)
+    os.makedirs(a / 'more')
+    shutil.copy(jpeg, a / 'more' / 'deeper.jpg')
+    with caplog.at_level(logging.WARNING):
+        info = data.dataset_info(config.replace(dataset=root), need_eval=False)
+    assert info.num_train_examples == 7  # 3 + 3 copies and the working link
+    named = {line.split(': ', 1)[0].split('skipping ')[-1]: line.split(': ', 1)[1]
+             for line in caplog.messages if line.startswith('skipping ')}
+    assert named == {
+        str(a / 'gone.jpg'): f'dangling symbolic link (its target {tmp_path}/moved.jpg does '
+                             'not exist)',
+        str(a / 'loop.jpg'): 'cannot be read (Too many levels of symbolic links)',
+        str(a / 'more'): 'a folder inside a class folder (its files are not read)'}
+    assert re.search(r'skipped 3 entries of .*/train that are not readable images '
+                     r'\(1 dangling link, 1 unreadable, 1 folder\); using 7 images', caplog.text)
 
 
 def test_grey_rgba_and_odd_sizes_are_converted(config, tmp_path, jpeg, monkeypatch):
@@ -317,10 +344,10 @@ def test_crops_decoded_from_a_jpeg_window_are_the_crops_of_the_whole_image(jpeg,
     pixels, shifted, extra = sources.decode_crops(encoded, draw)
     np.testing.assert_array_equal(extra, [True, False])  # what draw drew besides the boxes
     assert asked == [(180, 200)]  # from the header
-    for (t, l, h, w), (t2, l2, h2, w2) in zip(boxes, shifted.numpy()):
+    for (t, left, h, w), (t2, l2, h2, w2) in zip(boxes, shifted.numpy()):
         assert (h2, w2) == (h, w)
         cut = pixels.numpy()[t2:t2 + h, l2:l2 + w].astype(int)
-        assert np.abs(cut - whole[t:t + h, l:l + w]).max() <= 3  # libjpeg's edge upsampling
+        assert np.abs(cut - whole[t:t + h, left:left + w]).max() <= 3  # libjpeg's edge upsampling
     png = tmp_path / 'big.png'
     Image.open(path).save(png)
     pixels, same, _ = sources.decode_crops(tf.io.read_file(str(png)), draw)

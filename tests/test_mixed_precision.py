@@ -291,6 +291,27 @@ def test_the_nan_guard_stops_float16_when_even_unscaled_gradients_overflow(weigh
         train._check_loss_scale(state, 7, 0)
 
 
+def test_a_loop_of_only_skipped_float16_steps_shows_no_loss(tmp_path, sample_dir, monkeypatch,
+                                                            caplog):
+    """A loss scale of 2^40 overflows every step of a 2-step run: the progress lines say so
+    rather than show the zeros of a loop that gave no metrics as `loss 0.0000`."""
+    class Overflowing(optim.LossScaleOptimizer):
+        def __init__(self, inner, **kwargs):
+            super().__init__(inner, initial_scale=2.0 ** 40, **kwargs)
+
+    monkeypatch.setattr(optim, 'LossScaleOptimizer', Overflowing)
+    with caplog.at_level('INFO'):
+        state = _train_run(tmp_path / 'run', sample_dir, 'float16', 2)
+    assert state.step == 2 and int(state.optimizer.skipped_steps.numpy()) == 2
+    progress = [m for m in caplog.messages if m.startswith('step ') and ' | ' in m]
+    assert [line.split(' | ')[:2] for line in progress] == [
+        [f'step {i}/2', 'every step skipped (float16 overflow): no loss, the weights did not '
+                        'change'] for i in (1, 2)], progress
+    assert not any('loss 0.0000' in m for m in caplog.messages)
+    assert train._progress_line(3, 4, {'train/total_loss': 0.5}, 1.0, 1.0).startswith(
+        'step 3/4 | loss 0.5000 | ')  # a loop with a step applied shows its loss
+
+
 # --- checkpoints, fine-tuning, the authors' models and exports across precisions ---------------
 
 def _train_run(model_dir, sample_dir, name, steps, **changes):

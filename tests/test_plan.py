@@ -16,6 +16,7 @@ from simclr_tf import authors, checkpoint, data, plan, program, train
 from simclr_tf import model_dir as model_dir_lib
 from simclr_tf.config import Config, ConfigError
 
+from conftest import sample_folder
 from test_authors import config_of, fixture_of, write_checkpoint, write_saved_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -269,8 +270,8 @@ def _cli(args, capsys) -> tuple[int, list[str]]:
             simclr_tf_cli.main(['run.py'])
     finally:
         flags.FLAGS.unparse_flags()
-    return done.value.code, [l for l in capsys.readouterr().err.splitlines()
-                             if l.startswith('error:')]
+    return done.value.code, [line for line in capsys.readouterr().err.splitlines()
+                             if line.startswith('error:')]
 
 
 @pytest.fixture(scope='module')
@@ -352,3 +353,47 @@ def test_program_run_reads_top_to_bottom_and_faults_does_not_import_checkpoint()
         a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
         for a in n.names}
     assert not {'checkpoint', 'simclr_tf.checkpoint'} & imported, imported
+
+
+# ---------------------------------------------------------------- set-ups that learn little
+def _warnings(tmp_path, **changes) -> tuple[str, ...]:
+    return plan.resolve(_config(tmp_path / 'run', **changes), STRATEGY).warnings
+
+
+def test_fine_tuning_on_one_class_is_warned_not_refused(pretrained, tmp_path):
+    one = sample_folder(tmp_path / 'one', classes=('cat',))
+    [warning] = _warnings(tmp_path, train_mode='finetune', checkpoint=pretrained.model_dir,
+                          variable_schema='(?!head_supervised)', dataset=one)
+    assert warning == (f'dataset {one} has one class (cat): train_mode=finetune trains a '
+                       'classifier with nothing to tell apart (loss 0 and top-1 accuracy 1.000 '
+                       'from the first step); it needs two classes or more')
+    assert not _warnings(tmp_path, dataset=one)  # pretraining on it learns something
+
+
+def test_a_label_fraction_that_leaves_classes_unlabelled_is_warned(tmp_path):
+    """The sample: 1000 train examples of 10 classes; 0.5 % labels 5 of them."""
+    labels, batch = _warnings(tmp_path, train_mode='supervised', label_fraction=0.005)
+    assert labels.startswith('label_fraction=0.005 labels 5 of the 1000 examples of train, which '
+                             'has 10 classes: 5 of them have no labelled example (')
+    assert labels.endswith(') and the classifier never learns them; --label_fraction=0.01 or '
+                           'more labels an example of each')
+    assert batch.startswith('train_batch_size=8 is larger than the 5 labelled examples of train')
+    config = _config(tmp_path / 'run', train_mode='supervised', label_fraction=0.01)
+    assert len(set(data.label_subset(config)[0][data.label_subset(config)[1]])) == 10
+    assert not plan.resolve(config, STRATEGY).warnings  # 0.01, as suggested: one of each
+
+
+def test_a_batch_larger_than_the_data_set_is_warned_in_the_plan_and_the_dry_run(tmp_path, caplog):
+    small = sample_folder(tmp_path / 'small', train=3)  # 6 train images
+    config = _config(tmp_path / 'run', dataset=small, dry_run=True)
+    start = plan.resolve(config, STRATEGY)
+    warning = ('train_batch_size=8 is larger than the 6 examples of train: every batch holds some '
+               'images more than once (and the contrastive loss takes copies of an image for '
+               'negatives); --train_batch_size=6 or less draws each once')
+    assert start.warnings == (warning,) and start.lines()[-1] == f'  warning: {warning}'
+    with caplog.at_level('INFO'):
+        program.run(config)
+    assert [r.getMessage() for r in caplog.records if r.levelname == 'WARNING'] == [warning]
+    assert 'dry run: the run can start' in caplog.text
+    assert not (tmp_path / 'run').exists()
+    assert not _warnings(tmp_path, dataset=small, train_batch_size=6)
