@@ -32,7 +32,8 @@ LAUNCHER = textwrap.dedent('''
         from simclr_tf import interrupt
         print(f'HOOK {hook}', file=sys.stderr, flush=True)
         end = time.time() + (5 if hook == 'exit' else 120)  # (after finishing: ignored)
-        while time.time() < end and not interrupt.signalled():  # a deferred one: go on
+        hold = os.environ.get('SIGNAL_HOLD')  # else a deferred signal lets the write end
+        while time.time() < end and (hold or not interrupt.signalled()):
             time.sleep(0.05)
 
     def wrap(module, name, after=False):
@@ -73,18 +74,23 @@ LAUNCHER = textwrap.dedent('''
 ''')
 
 
-def _run(tmp_path, hook, signum, args):
-    """Runs the program with `hook`, sends `signum` once the hook waits; (status, stderr)."""
+def _run(tmp_path, hook, signum, args, again=None):
+    """Runs the program with `hook`, sends `signum` once the hook waits, and again once a line
+    holds `again`; (status, stderr, stdout)."""
     launcher = tmp_path / 'launcher.py'
     launcher.write_text(LAUNCHER)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONUNBUFFERED='1', SIGNAL_HOOK=hook,
-               SIMCLR_REPO=REPO)
+               SIMCLR_REPO=REPO, SIGNAL_HOLD='1' if again else '')
     proc = subprocess.Popen([sys.executable, str(launcher), *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
     for line in proc.stderr:
         seen.append(line)
         if line.startswith(f'HOOK {hook}'):
+            proc.send_signal(signum)
+            if not again:
+                break
+        if again and again in line:
             proc.send_signal(signum)
             break
     try:
@@ -108,11 +114,21 @@ def _left(model_dir):
             sorted(p.name for p in exports.iterdir()) if exports.is_dir() else [])
 
 
-def test_each_phase_stops_in_one_line_with_75_and_a_finished_run_exits_0(tmp_path, sample_dir):
-    model_dir = tmp_path / 'run'
-    args = [f'--dataset={sample_dir}', f'--model_dir={model_dir}', '--mode=train_then_eval',
+def _args(sample_dir, model_dir):
+    return [f'--dataset={sample_dir}', f'--model_dir={model_dir}', '--mode=train_then_eval',
             *TINY]
+
+
+def test_start_up_stops_at_once_after_the_write_under_way(tmp_path, sample_dir):
+    model_dir = tmp_path / 'run'
+    args = _args(sample_dir, model_dir)
     assert interrupt.STATUS == train.PREEMPTED_EXIT_CODE == 75
+
+    # A second signal while the first waits for a write: at once, 128 + its number.
+    status, log, _ = _run(tmp_path, 'write_config', signal.SIGTERM, args,
+                          again='received SIGTERM: stopping once the current write is done')
+    assert status == 128 + signal.SIGTERM, log[-3000:]
+    assert 'second signal (SIGTERM): stopping now' in log and 'stopped: ' not in log
 
     # Start-up, while model_dir is claimed: the claim ends (config.json whole), then the stop.
     status, log, _ = _run(tmp_path, 'write_config', signal.SIGTERM, args)
@@ -129,6 +145,13 @@ def test_each_phase_stops_in_one_line_with_75_and_a_finished_run_exits_0(tmp_pat
                                   '(no checkpoint yet), rerunning the same command starts it '
                                   'again')
     assert checkpoint.list_checkpoints(str(model_dir)) == []
+    assert _left(model_dir) == ([], [])
+
+
+def test_evaluation_and_export_keep_the_checkpoint_and_a_finished_run_exits_0(tmp_path,
+                                                                              sample_dir):
+    model_dir = tmp_path / 'run'
+    args = _args(sample_dir, model_dir)
 
     # Evaluation: training's checkpoint is kept; no result.json, no export.
     status, log, _ = _run(tmp_path, 'evaluate', signal.SIGTERM, args)
@@ -155,13 +178,3 @@ def test_each_phase_stops_in_one_line_with_75_and_a_finished_run_exits_0(tmp_pat
     assert out.splitlines()[-1] == f'SavedModel: {model_dir}/saved_model/2'
     assert 'stopped' not in log and 'Traceback' not in log
     assert _left(model_dir) == (['result.json', 'result_2.json'], ['2'])
-
-    # --mode=export replacing that export: stopped in the save, the old export stays whole.
-    status, log, _ = _run(tmp_path, 'export', signal.SIGTERM,
-                          ['--mode=export', f'--model_dir={model_dir}'])
-    assert status == 75, log[-3000:]
-    assert _stopped_line(log) == ('stopped: preempted by SIGTERM during the export of step 2 '
-                                  '(checkpoints kept, no partial export), rerunning the same '
-                                  'command exports it')
-    assert _left(model_dir) == (['result.json', 'result_2.json'], ['2'])
-    assert (model_dir / 'saved_model' / '2' / 'saved_model.pb').is_file()
