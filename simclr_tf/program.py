@@ -214,28 +214,27 @@ def continuous_eval(config: Config, strategy: tf.distribute.Strategy,
     result, claimed, skipped = None, False, set()
     last_new = last_log = time.time()
     rerun = 'rerunning the same command evaluates the checkpoints not evaluated yet'
-    interrupt.set_phase('while waiting for checkpoints', 'the results written so far', rerun)
     while True:
+        interrupt.set_phase('while waiting for checkpoints', 'the results written so far', rerun)
         pending = [p for p in _unevaluated(model_dir) if p not in skipped]
         if pending and not claimed:
             prepare_model_dir(config)
             claimed = True
         for path in pending:
-            with interrupt.phase(f'during the evaluation of {path}', 'the results written so '
-                                 'far, no partial export', rerun):
-                try:
-                    model, step = restore_for_inference(config, strategy, start.num_classes,
-                                                        path)
-                except (tf.errors.OpError, IndexError, OSError) as e:
-                    # Deleted by training's keep_checkpoint_max while read, or damaged.
-                    logging.warning('skipping checkpoint %s: %s: %s', path, type(e).__name__,
-                                    str(e).strip()[:200])
-                    skipped.add(path)
-                    continue
-                result = evaluate.evaluate(config, strategy, model, start.data, step)
-                # The export first: a step with a result file is not evaluated again.
-                export_model(config, model, step)
-                write_results(config, result, flags)
+            interrupt.set_phase(f'during the evaluation of {path}',
+                                'the results written so far, no partial export', rerun)
+            try:
+                model, step = restore_for_inference(config, strategy, start.num_classes, path)
+            except (tf.errors.OpError, IndexError, OSError) as e:
+                # Deleted by training's keep_checkpoint_max while read, or damaged.
+                logging.warning('skipping checkpoint %s: %s: %s', path, type(e).__name__,
+                                str(e).strip()[:200])
+                skipped.add(path)
+                continue
+            result = evaluate.evaluate(config, strategy, model, start.data, step)
+            # The export first: a step with a result file is not evaluated again.
+            export_model(config, model, step)
+            write_results(config, result, flags)
             last_new = time.time()
             if step >= last_step:
                 return result
