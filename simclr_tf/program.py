@@ -38,12 +38,12 @@ def run(config: Config, flags: Optional[dict[str, Any]] = None) -> Optional[dict
     # The strategy comes first: multi-worker collectives must be set up before other TF work.
     strategy = distribute.build_strategy(config)
     start = plan_lib.resolve(config, strategy)  # every start-up check; nothing written yet
-    set_up(config)
-    start.log()
     latest = start.checkpoints[-1][1] if start.checkpoints else None
     interrupt.set_phase('during start-up', f'latest checkpoint {latest}' if latest
                         else 'no checkpoint yet', 'rerunning the same command ' + (
                             'resumes from it' if latest and start.training else 'starts it again'))
+    set_up(config)
+    start.log()
     if config.dry_run:
         dry_run(config, strategy, start)
         interrupt.finish()

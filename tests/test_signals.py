@@ -178,3 +178,23 @@ def test_evaluation_and_export_keep_the_checkpoint_and_a_finished_run_exits_0(tm
     assert out.splitlines()[-1] == f'SavedModel: {model_dir}/saved_model/2'
     assert 'stopped' not in log and 'Traceback' not in log
     assert _left(model_dir) == (['result.json', 'result_2.json'], ['2'])
+
+    # --mode=export replacing that export: stopped in the save, the old export stays whole.
+    status, log, _ = _run(tmp_path, 'export', signal.SIGTERM,
+                          ['--mode=export', f'--model_dir={model_dir}'])
+    assert status == 75, log[-3000:]
+    assert _stopped_line(log) == ('stopped: preempted by SIGTERM during the export of step 2 '
+                                  '(checkpoints kept, no partial export), rerunning the same '
+                                  'command exports it')
+    assert _left(model_dir) == (['result.json', 'result_2.json'], ['2'])
+    assert (model_dir / 'saved_model' / '2' / 'saved_model.pb').is_file()
+
+    # --mode=eval on a checkpoint without its result file: none is written.
+    (model_dir / 'result_2.json').unlink()
+    status, log, _ = _run(tmp_path, 'evaluate', signal.SIGINT,
+                          ['--mode=eval', f'--model_dir={model_dir}'])
+    assert status == 75, log[-3000:]
+    assert _stopped_line(log) == (f'stopped: preempted by SIGINT during the evaluation of {ckpt} '
+                                  '(the results written so far, no partial export), rerunning '
+                                  'the same command evaluates the checkpoints not evaluated yet')
+    assert _left(model_dir) == (['result.json'], ['2'])
