@@ -9,7 +9,8 @@ in (`phase`), and a signal ends that phase in one line, `stopped: preempted by S
   model_dir, a restore that sets checkpoints aside, an export's rename, result files) hold the stop
   until they end; `cleanup()` registers what to remove first (an export's temporary directory).
 - training (`phase(..., at_once=False)`) only records the signal: the loop saves a checkpoint
-  after the current step and stops (`train.Preempted`).
+  after the current step and stops (`train.Preempted`); before its first step is done (the loop
+  still being traced) the main thread's wait stops at once instead (`stop(where)`).
 - after `finish()` (the results and export are written) signals are ignored: status 0.
 
 A second signal stops at once with 128 + its number, without saving. The handler touches no
