@@ -173,11 +173,10 @@ def main(argv) -> None:
         _fail(str(e))
     except Exception as e:  # noqa: BLE001 - clear message for bad input, full trace in the log
         from simclr_tf.data import DataError
-        from simclr_tf.train import PREEMPTED_EXIT_CODE, Preempted
+        from simclr_tf.train import Preempted
         if isinstance(e, Preempted):
-            logging.warning('%s', e)
-            print(f'stopped: {e}', file=sys.stderr)
-            sys.exit(PREEMPTED_EXIT_CODE)
+            from simclr_tf import interrupt
+            interrupt.exit_now(str(e))  # `stopped: <e>`, status 75
         if isinstance(e, DataError):
             _fail(str(e))
         from simclr_tf import faults
@@ -191,6 +190,8 @@ def main(argv) -> None:
 
 def cli() -> None:
     """The program: `python run.py`, the `simclr-tf` command, `python -m simclr_tf_cli`."""
+    from simclr_tf import interrupt  # SIGTERM/SIGINT: one handling, from the very start
+    interrupt.install()
     for flag in FLAGS.get_key_flags_for_module(__name__):  # --help lists them, whatever the script
         FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     from simclr_tf import logs

@@ -56,7 +56,7 @@ import uuid
 import keras
 import tensorflow as tf
 
-from simclr_tf import optim
+from simclr_tf import interrupt, optim
 from simclr_tf.config import Config
 
 EXPORT_DIR = 'saved_model'
@@ -192,8 +192,11 @@ def export_saved_model(model: keras.Model, config: Config, step: int) -> str:
     tf.io.gfile.makedirs(root)
     tag = f'{int(step)}-{uuid.uuid4().hex[:8]}'
     temporary = os.path.join(root, f'.tmp-{tag}')
-    with _exclusive(root):
-        clean_leftovers(root)
+    # A signal (`interrupt`) during the save removes the temporary directory before the process
+    # stops; the leftovers' repair, the rename and the pruning finish first.
+    with _exclusive(root), interrupt.cleanup(lambda: _remove(temporary)):
+        with interrupt.deferred():
+            clean_leftovers(root)
         try:
             with single_replica_batch_norm(model):
                 module, serve = build_hub_module(model, config)
@@ -202,15 +205,20 @@ def export_saved_model(model: keras.Model, config: Config, step: int) -> str:
             with tf.io.gfile.GFile(os.path.join(temporary, 'assets.extra', 'config.json'),
                                    'w') as f:
                 f.write(config.to_json())
-            if tf.io.gfile.exists(final):
-                _replace(temporary, final, os.path.join(root, f'.old-{tag}'))
-            else:
-                tf.io.gfile.rename(temporary, final)
+            with interrupt.deferred():
+                if tf.io.gfile.exists(final):
+                    _replace(temporary, final, os.path.join(root, f'.old-{tag}'))
+                else:
+                    tf.io.gfile.rename(temporary, final)
+                _keep_newest(root, config.keep_hub_module_max, keep=int(step))
         finally:
-            if tf.io.gfile.exists(temporary):
-                tf.io.gfile.rmtree(temporary)
-        _keep_newest(root, config.keep_hub_module_max, keep=int(step))
+            _remove(temporary)
     return final
+
+
+def _remove(path: str) -> None:
+    if tf.io.gfile.exists(path):
+        tf.io.gfile.rmtree(path)
 
 
 @contextlib.contextmanager

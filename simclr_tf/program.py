@@ -11,7 +11,7 @@ from typing import Any, Optional
 import keras
 import tensorflow as tf
 
-from simclr_tf import checkpoint, data, distribute, evaluate, sources, train
+from simclr_tf import checkpoint, data, distribute, evaluate, interrupt, sources, train
 from simclr_tf import model_dir as model_dir_lib
 from simclr_tf import plan as plan_lib
 from simclr_tf.config import Config, ConfigError
@@ -31,24 +31,37 @@ def set_up(config: Config) -> None:
 
 
 def run(config: Config, flags: Optional[dict[str, Any]] = None) -> Optional[dict[str, float]]:
-    """Runs `config.mode` as its start plan says; returns the last eval result, if any."""
+    """Runs `config.mode` as its start plan says; returns the last eval result, if any. Each
+    phase tells `interrupt` what a signal there keeps and what a rerun does; once the run's
+    results are written, signals are ignored (`interrupt.finish`)."""
     config.validate()
     # The strategy comes first: multi-worker collectives must be set up before other TF work.
     strategy = distribute.build_strategy(config)
     start = plan_lib.resolve(config, strategy)  # every start-up check; nothing written yet
+    latest = start.checkpoints[-1][1] if start.checkpoints else None
+    interrupt.set_phase('during start-up', f'latest checkpoint {latest}' if latest
+                        else 'no checkpoint yet', 'rerunning the same command ' + (
+                            'resumes from it' if latest and start.training else 'starts it again'))
     set_up(config)
     start.log()
     if config.dry_run:
         dry_run(config, strategy, start)
+        interrupt.finish()
         return None
     chief = distribute.is_chief(strategy)
     if config.mode == 'eval':  # claims model_dir once a checkpoint is there
-        return continuous_eval(config, strategy, start, flags)
+        result = continuous_eval(config, strategy, start, flags)
+        interrupt.finish()
+        return result
     if chief:
         prepare_model_dir(config, start)
     if config.mode == 'export':
         model, step = restore_newest(config, strategy, start)
+        interrupt.set_phase(f'during the export of step {step}',
+                            'checkpoints kept, no partial export',
+                            'rerunning the same command exports it')
         export_model(config, model, step)
+        interrupt.finish()
         return None
     return train_then_eval(config, strategy, start, chief, flags)
 
@@ -66,11 +79,23 @@ def train_then_eval(config: Config, strategy: tf.distribute.Strategy,
     if state.stopped:
         raise train.Preempted(state.stopped, state.step, state.checkpointer.latest)
     if config.mode == 'train':
+        interrupt.finish()
         return None
-    result = evaluate.evaluate(config, strategy, state.model, start.data, state.step)
+    # A signal from here on: the checkpoint is kept, no result.json is written and no export
+    # half-written (the export comes first, the results last), and a rerun does both again.
+    step, kept = state.step, f'checkpoint {state.checkpointer.latest} kept'
+    again = 'rerunning the same command evaluates and exports it'
+    interrupt.set_phase(f'during the evaluation of step {step}', f'{kept}, no result.json written',
+                        again)
+    result = evaluate.evaluate(config, strategy, state.model, start.data, step)
     if chief:
-        evaluate.write_results(config, result, flags)
-        result['saved_model'] = export_model(config, state.model, state.step)
+        interrupt.set_phase(f'during the export of step {step}',
+                            f'{kept}, no partial export, no result.json written', again)
+        path = export_model(config, state.model, step)
+        write_results(config, result, flags, final=True)
+        result['saved_model'] = path
+    else:
+        interrupt.finish()
     if replaced:
         result['undecodable_images'] = replaced
     return result
@@ -97,12 +122,28 @@ def dry_run(config: Config, strategy: tf.distribute.Strategy, start: plan_lib.St
     logging.info('dry run: the run can start; nothing was written to %s', config.model_dir)
 
 
+def write_results(config: Config, result: dict[str, float], flags: Optional[dict[str, Any]],
+                  final: bool = False) -> None:
+    """The result files, after the export they describe; a signal waits for them. `final`: the
+    run is then complete, signals are ignored from then on."""
+    with interrupt.deferred():
+        evaluate.write_results(config, result, flags)
+        if final:
+            interrupt.finish()
+
+
 def prepare_model_dir(config: Config, start: Optional[plan_lib.StartPlan] = None) -> None:
     """Claims model_dir for this run (the chief's job): creates it and takes the lock of its role
     (`.train.lock` for training, `.eval.lock` for eval and export). Training then moves an old run
     aside (--start_over) or removes an interrupted save's leftovers, and writes config.json and
     the start plan (plan.txt). The config check is the plan's (and, for mode=eval, checked again
-    once a checkpoint is there: the training run may have written config.json since)."""
+    once a checkpoint is there: the training run may have written config.json since). A signal
+    waits for it to finish."""
+    with interrupt.deferred():
+        _prepare_model_dir(config, start)
+
+
+def _prepare_model_dir(config: Config, start: Optional[plan_lib.StartPlan]) -> None:
     tf.io.gfile.makedirs(config.model_dir)
     training = config.mode in plan_lib.TRAINING
     model_dir_lib.lock(config.model_dir, 'train' if training else 'eval')
@@ -172,12 +213,16 @@ def continuous_eval(config: Config, strategy: tf.distribute.Strategy,
                         else f'until step {last_step}; --eval_timeout sets a limit')
     result, claimed, skipped = None, False, set()
     last_new = last_log = time.time()
+    rerun = 'rerunning the same command evaluates the checkpoints not evaluated yet'
     while True:
+        interrupt.set_phase('while waiting for checkpoints', 'the results written so far', rerun)
         pending = [p for p in _unevaluated(model_dir) if p not in skipped]
         if pending and not claimed:
             prepare_model_dir(config)
             claimed = True
         for path in pending:
+            interrupt.set_phase(f'during the evaluation of {path}',
+                                'the results written so far, no partial export', rerun)
             try:
                 model, step = restore_for_inference(config, strategy, start.num_classes, path)
             except checkpoint.Damaged as e:
@@ -186,8 +231,9 @@ def continuous_eval(config: Config, strategy: tf.distribute.Strategy,
                 skipped.add(path)
                 continue
             result = evaluate.evaluate(config, strategy, model, start.data, step)
-            evaluate.write_results(config, result, flags)
+            # The export first: a step with a result file is not evaluated again.
             export_model(config, model, step)
+            write_results(config, result, flags)
             last_new = time.time()
             if step >= last_step:
                 return result

@@ -1,4 +1,5 @@
-"""The training loop: `steps_per_loop` steps per tf.function call, then summaries, progress, checkpoint."""
+"""The training loop: `steps_per_loop` steps per tf.function call, then summaries, progress,
+checkpoint."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import concurrent.futures
 import dataclasses
 import logging
 import math
-import os
 import signal
 import sys
 import threading
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import numpy as np
 import tensorflow as tf
 
-from simclr_tf import data, losses, optim, views
+from simclr_tf import data, interrupt, losses, optim, views
 from simclr_tf import teacher as teacher_lib
 from simclr_tf.checkpoint import Checkpointer
 from simclr_tf.config import Config
@@ -41,7 +41,7 @@ class TrainingDiverged(RuntimeError):
 # Exit status of a run stopped by SIGTERM/SIGINT after saving its checkpoint: EX_TEMPFAIL of
 # sysexits.h, "temporary failure, try again", so a scheduler or `&&` chain does not take it for
 # a finished run. A second signal ends the process at once with 128 + the signal's number.
-PREEMPTED_EXIT_CODE = 75
+PREEMPTED_EXIT_CODE = interrupt.STATUS
 
 
 class Preempted(Exception):
@@ -50,8 +50,8 @@ class Preempted(Exception):
     def __init__(self, signum: int, step: int, checkpoint: Optional[str]):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         saved = f'latest checkpoint {checkpoint}' if checkpoint else 'no checkpoint yet'
-        super().__init__(f'preempted by {signal.Signals(signum).name} at step {step} ({saved}), '
-                         'resume by rerunning the same command')
+        super().__init__(interrupt.line(signum, f'at step {step}', saved,
+                                        'resume by rerunning the same command'))
 
 
 @dataclasses.dataclass
@@ -92,7 +92,9 @@ def build_state(config: Config, strategy: tf.distribute.Strategy, info: data.Dat
         # Keras 3 creates slots lazily; build them now so a checkpoint restores into them.
         optimizer.build(model.trainable_variables)
         checkpointer = Checkpointer(config, model, optimizer, chief=chief, task_id=task_id)
-        logging.info('%s', checkpointer.restore(model, plan.weights if plan else None, dry_run))
+        with interrupt.deferred():  # a resume may set damaged checkpoints aside (renames)
+            logging.info('%s', checkpointer.restore(model, plan.weights if plan else None,
+                                                    dry_run))
     teacher = None
     if config.train_mode == 'distill':
         teacher = teacher_lib.build(config, info.num_classes, strategy,
@@ -247,52 +249,41 @@ def make_loop_fn(config: Config, state: TrainState, strategy: tf.distribute.Stra
 
 
 class _StopRequest:
-    """SIGTERM/SIGINT ask training to checkpoint after the current step and stop; a second signal
-    ends the process at once (exit status 128 + signal number), without saving.
+    """SIGTERM/SIGINT (`interrupt`) ask training to checkpoint after the current step and stop;
+    a second signal ends the process at once (exit status 128 + signal number), without saving.
 
     Python runs signal handlers only in the main thread between bytecodes, never while it waits in
     a TensorFlow call; so the loop runs in a worker thread (`call`) while the main thread waits
-    interruptibly, and the handler sets `variable`, which the loop reads before every step.
+    interruptibly, and sets `variable` once a signal came; the loop reads it before every step.
     """
 
     def __init__(self):
-        self.signal: int = 0
         self.variable = tf.Variable(False, trainable=False)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='train_loop')
         self._main = threading.current_thread() is threading.main_thread()
 
-    def __enter__(self):
-        if self._main:  # signal.signal works only there; elsewhere (tests) no handlers
-            self._previous = {s: signal.signal(s, self._handle)
-                              for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
+    @property
+    def signal(self) -> int:
+        return interrupt.signalled()
 
-    def _handle(self, signum, frame):
-        if self.signal:
-            logging.error('second signal (%s): stopping now, without a checkpoint',
-                          signal.Signals(signum).name)
-            sys.stderr.flush()
-            os._exit(128 + signum)
-        self.signal = signum
-        self.variable.assign(True)
-        logging.warning('received %s: checkpointing after the current step, then stopping '
-                        '(a second signal stops at once)', signal.Signals(signum).name)
-
-    def call(self, fn: Callable, *args):
-        """fn(*args) in the worker thread; the main thread stays free to run signal handlers."""
+    def call(self, fn: Callable, started: Callable[[], bool], startup: tuple[str, str, str]):
+        """fn() in the worker thread; the main thread stays free to run signal handlers. A signal
+        before `started()` (the run's first step done, e.g. while the loop is traced) stops the
+        program at once with the `startup` line: there is nothing new to save."""
         if not self._main:
-            return fn(*args)
-        future = self._pool.submit(fn, *args)
+            return fn()
+        future = self._pool.submit(fn)
         while True:
+            if self.signal and not bool(self.variable.numpy()):
+                if not started():
+                    interrupt.stop(startup)  # returns in a library call: stop before a step
+                self.variable.assign(True)
             try:
                 return future.result(timeout=0.1)
             except concurrent.futures.TimeoutError:
                 continue
 
-    def __exit__(self, *exc):
-        if self._main:
-            for s, handler in self._previous.items():
-                signal.signal(s, handler)
+    def close(self) -> None:
         self._pool.shutdown(wait=False)
 
 
@@ -363,9 +354,13 @@ def train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetIn
         logging.info('%s', views_plan.line())
     else:
         views_plan = plan.views
-    with _StopRequest() as stop:
-        return _train(config, strategy, info, chief, task_id, on_checkpoint, stop, views_plan,
-                      plan)
+    with interrupt.handling():
+        stop = _StopRequest()
+        try:
+            return _train(config, strategy, info, chief, task_id, on_checkpoint, stop,
+                          views_plan, plan)
+        finally:
+            stop.close()
 
 
 def _train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetInfo, chief: bool,
@@ -373,7 +368,8 @@ def _train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetI
            stop: '_StopRequest', plan: views.ViewPlan, start: Optional[StartPlan]) -> TrainState:
     state = build_state(config, strategy, info, chief=chief, task_id=task_id, plan=start)
     names = metric_names(config, state.model.supervised_head is not None)
-    writer = tf.summary.create_file_writer(config.model_dir) if chief else tf.summary.create_noop_writer()
+    writer = (tf.summary.create_file_writer(config.model_dir) if chief
+              else tf.summary.create_noop_writer())
     start = state.step
     if start >= state.total_steps:
         logging.info('already trained to step %d of %d', start, state.total_steps)
@@ -383,20 +379,36 @@ def _train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetI
     dataset = data.build_distributed_dataset(strategy, config, True, start_step=start, plan=plan)
     iterator = iter(dataset)
     loop = make_loop_fn(config, state, strategy, plan, stop.variable)
-    per_loop = steps_per_loop(config, state.checkpoint_steps)
-    summaries = config.train_summary_steps > 0  # 0: no step summaries, as the TF1 flag
-    interactive = chief and sys.stderr.isatty()
-    run_start, run_images = time.time(), 0
 
     logging.info('training from step %d to %d (on SIGTERM or SIGINT: checkpoint after the '
                  'current step and stop)', start, state.total_steps)
+    latest = state.checkpointer.latest
+    startup = (f'during start-up, before step {start + 1}',
+               f'latest checkpoint {latest}' if latest else 'no checkpoint yet',
+               'rerunning the same command ' + ('resumes from it' if latest else 'starts it again'))
+    with interrupt.phase(f'in training from step {start}', 'checkpoint after the current step',
+                         'resume by rerunning the same command', at_once=False):
+        _loop(config, state, stop, loop, iterator, writer, names, start, startup, on_checkpoint,
+              chief and sys.stderr.isatty())
+        writer.flush()
+    return state
+
+
+def _loop(config: Config, state: TrainState, stop: _StopRequest, loop: Callable, iterator,
+          writer, names: tuple[str, ...], start: int, startup: tuple[str, str, str],
+          on_checkpoint: Optional[Callable[[TrainState], None]], interactive: bool) -> None:
+    """The loops of `steps_per_loop` steps up to total_steps, or a signal (`state.stopped`)."""
+    per_loop = steps_per_loop(config, state.checkpoint_steps)
+    summaries = config.train_summary_steps > 0  # 0: no step summaries, as the TF1 flag
+    run_start, run_images = time.time(), 0
     while state.step < state.total_steps:
         step = state.step
         to_checkpoint = state.checkpoint_steps - step % state.checkpoint_steps
         n = min(per_loop, to_checkpoint, state.total_steps - step)
         skipped_before = int(state.optimizer.skipped_steps.numpy()) if state.loss_scaled else 0
         t0 = time.time()
-        values = stop.call(lambda: loop(iterator, tf.constant(n)).numpy())
+        values = stop.call(lambda: loop(iterator, tf.constant(n)).numpy(),
+                           lambda: state.step > start, startup)
         elapsed = time.time() - t0
         n = state.step - step  # fewer than asked if a signal came
         step = state.step
@@ -449,5 +461,3 @@ def _train(config: Config, strategy: tf.distribute.Strategy, info: data.DatasetI
             break
     if interactive:
         sys.stderr.write('\n')
-    writer.flush()
-    return state
