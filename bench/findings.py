@@ -20,7 +20,8 @@ pretrained (--mode=train) for its own epochs with a warmup of 10 % of them, then
 with the same knobs are one run, whichever stages name them (the 8-epoch recipe at seed 0 is an
 arm of all four). Each arm is probed as soon as it is trained, and recorded, so that a stage cut
 short by the end of a session keeps every arm it finished; the arms that decide a finding come
-first (seed 0 before seed 1, the linear and the paper's nonlinear head before the others).
+first (seed 0 before seed 1; the linear and the paper's nonlinear head, then the authors'
+three-layer head, the one-epoch table's 'nonlinear', then none).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def arm(supervised: bool = False, **knobs) -> dict:
 
 STAGES = {
     'head_long': [arm(head=h, seed=s) for s in (0, 1)
-                  for h in ('nonlinear2', 'linear', 'none', 'nonlinear3')],
+                  for h in ('nonlinear2', 'linear', 'nonlinear3', 'none')],
     'color_long': [arm(color=c, seed=s) for s in (0, 1) for c in (0.5, 1.0)],
     'batch': ([arm(batch=b, epochs=e) for e in (2, 8) for b in (128, 256, 512)]
               + [arm(batch=b, epochs=2, seed=1) for b in (128, 512)]),
