@@ -74,7 +74,9 @@ def plot_head(study: dict, path: str) -> None:
     low = np.nanmin([a.get('h', {}).get(H_KEY, np.nan) for a in arms(study, 'head_long')] or [0])
     ax.set_ylim(max(0.0, low - 0.1), None)
     ax.set_ylabel('CIFAR-10 test top-1')
-    ax.set_title('Projection head, 8 epochs, 2 seeds (dots)', fontsize=10)
+    seeds = sorted({a['seed'] for a in arms(study, 'head_long') if a.get('h')})
+    ax.set_title(f'Projection head, 8 epochs, seed {", ".join(map(str, seeds))} (dots)',
+                 fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
