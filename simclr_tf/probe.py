@@ -88,7 +88,7 @@ def probe(encoder: features.Encoder, config: Config, output: str = 'final_avg_po
 
 def _main(argv: Optional[list[str]] = None) -> None:
     parser = ArgumentParser(prog='python -m simclr_tf.probe',
-                                     description=__doc__.split('\n')[0])
+                            description=__doc__.split('\n')[0])
     parser.add_argument('--model', help='model_dir, checkpoint prefix or export of this project, '
                         "or one of the authors' checkpoints or SavedModels")
     parser.add_argument('--random_init', action='store_true',

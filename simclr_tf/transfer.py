@@ -306,7 +306,7 @@ def permutation_test(correct_a: np.ndarray, correct_b: np.ndarray, samples: int 
 def _main(argv: Optional[list[str]] = None) -> None:
     from simclr_tf.probe import ArgumentParser
     parser = ArgumentParser(prog='python -m simclr_tf.transfer',
-                                     description=__doc__.split('\n')[0])
+                            description=__doc__.split('\n')[0])
     parser.add_argument('--model', help='the encoder: a model_dir, checkpoint or export of this '
                         "project, or one of the authors' checkpoints or SavedModels")
     parser.add_argument('--random_init', action='store_true',
