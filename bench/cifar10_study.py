@@ -205,7 +205,10 @@ class Study:
         """Runs `argv` unless the record already holds its result for this very command, made
         after the very steps (by command) named in `after` (the run it evaluates)."""
         command = ' '.join(map(shlex.quote, argv))
-        shown = command.replace(self.data, '<cifar10>').replace(self.work, '<work>')
+        # Recorded without the machine's paths (interpreter, data, work folder), so a record
+        # carried to another machine is still recognised and its finished steps are skipped.
+        shown = (command.replace(shlex.quote(sys.executable), 'python', 1)
+                 .replace(self.data, '<cifar10>').replace(self.work, '<work>'))
         record = self.record
         inputs = {dep: record.get(dep, {}).get('command') for dep in after}
         done = record.get(name, {})
