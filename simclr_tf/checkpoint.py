@@ -55,8 +55,10 @@ def latest_in(directory: str) -> Optional[str]:
         latest = tf.train.latest_checkpoint(directory)
     except UnicodeDecodeError:
         latest = None
-    found = list_checkpoints(directory)
-    return latest or (found[-1][1] if found else None)
+    if latest is not None:
+        return latest
+    found = list_checkpoints(directory)  # listed only when the state file names none
+    return found[-1][1] if found else None
 
 
 def check_start(path: str) -> None:
